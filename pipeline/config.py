@@ -135,3 +135,13 @@ class DataConfig(Strict):
 
     def view_recipes(self) -> list[ViewRecipe]:
         return self.views.recipes() if isinstance(self.views, ViewPreset) else list(self.views)
+
+
+def format_validation_error(error, prefix: str = "") -> str:
+    """One line per problem, each naming the full key, e.g. `data.views.0.scale: ...`."""
+    lines = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(err["loc"]))
+        got = f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and "input" in err else ""
+        lines.append(f"{key}: {err['msg']}{got}")
+    return "; ".join(lines)

@@ -1,0 +1,76 @@
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_shards import create
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_datasets() -> Path | None:
+    """../shared/datasets beside the checkout (or $SHARED_DATASETS)."""
+    candidates = [os.environ.get("SHARED_DATASETS"), ROOT.parent / "shared" / "datasets", "/work/shared/datasets"]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
+
+
+def shared_file(name: str) -> Path:
+    folder = shared_datasets()
+    if folder is None or not (folder / name).is_file():
+        pytest.skip(f"{name} not found in ../shared/datasets (set SHARED_DATASETS to its folder)")
+    return folder / name
+
+
+def encode(pixels: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def image_folder(root: Path, images: dict[str, bytes]) -> Path:
+    """Write {relative path: bytes} under root."""
+    for rel, data in images.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def random_images(n: int, classes: int = 3, size: int = 24, seed: int = 0, fmt: str = "JPEG") -> dict[str, bytes]:
+    rng = np.random.default_rng(seed)
+    ext = "jpg" if fmt == "JPEG" else "png"
+    return {
+        f"c{i % classes}/{i:04d}.{ext}": encode(rng.integers(0, 256, (size, size + i % 5, 3), dtype=np.uint8), fmt)
+        for i in range(n)
+    }
+
+
+def make_shards(src: Path, out: Path, *extra: str) -> Path:
+    assert create.main([str(src), str(out), "--workers", "1", *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def cifar_archive() -> Path:
+    return shared_file("cifar10-train.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def cifar_shards(cifar_archive, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cifar") / "shards"
+    assert create.main([str(cifar_archive), str(out), "--limit", "2000", "--workers", "2", "--shard-size-mb", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """60 random labeled images in 3 classes, a few shards."""
+    root = tmp_path_factory.mktemp("small")
+    src = image_folder(root / "src", random_images(60))
+    return make_shards(src, root / "shards", "--shard-size-mb", "0.05")
