@@ -62,6 +62,11 @@ def _sometimes(probability: float, op, image):
     return image
 
 
+def _uniform(low: float, high: float):
+    """A per-sample uniform draw; a constant when the range is empty (DALI wants low < high)."""
+    return fn.random.uniform(range=[low, high]) if high > low else low
+
+
 def _coin(probability: float):
     """1.0 with `probability`, else 0.0, per sample."""
     return fn.cast(fn.random.coin_flip(probability=probability), dtype=types.FLOAT)
@@ -77,13 +82,13 @@ def _color(image, recipe: ViewRecipe):
         on = _coin(jitter.probability)
 
         def factor(amount):
-            return 1.0 + on * (fn.random.uniform(range=[max(0.0, 1.0 - amount), 1.0 + amount]) - 1.0)
+            return 1.0 + on * (_uniform(max(0.0, 1.0 - amount), 1.0 + amount) - 1.0)
 
         args = dict(
             brightness=factor(jitter.brightness),
             contrast=factor(jitter.contrast),
             saturation=factor(jitter.saturation),
-            hue=on * fn.random.uniform(range=[-360.0 * jitter.hue, 360.0 * jitter.hue]),
+            hue=on * _uniform(-360.0 * jitter.hue, 360.0 * jitter.hue),
         )
     if gray > 0:
         keep = 1.0 - _coin(gray)
@@ -118,7 +123,7 @@ def view(image, shape, recipe: ViewRecipe, out_dtype, debug: bool):
     )
     out = _color(out, recipe)
     if recipe.blur is not None:
-        sigma = fn.random.uniform(range=list(recipe.blur.sigma))
+        sigma = _uniform(*recipe.blur.sigma)
         out = _sometimes(recipe.blur.probability, lambda x: fn.gaussian_blur(x, sigma=sigma), out)
     out = _sometimes(recipe.solarize, lambda x: fn.lookup_table(x, keys=list(range(256)), values=_SOLARIZE, dtype=types.UINT8), out)
     mirror = fn.random.coin_flip(probability=recipe.flip) if recipe.flip > 0 else None
