@@ -41,8 +41,12 @@ def _read(spec: ReaderSpec):
         pad_last_batch=True,
         stick_to_shard=False,
     )
-    text = lambda t: fn.pad(t, axes=[0], shape=[DIGITS], fill_value=0)  # noqa: E731 (parsed in torch)
-    return image, text(label), text(index)
+    return image, _fixed_width(label), _fixed_width(index)
+
+
+def _fixed_width(text):
+    """Zero-pad decimal text to DIGITS bytes so a batch is one dense tensor (parsed in torch)."""
+    return fn.pad(text, axes=[0], shape=[DIGITS], fill_value=0)
 
 
 def _decode(encoded, gpu: bool, hw_decoder_load: float):
@@ -139,8 +143,9 @@ def views_pipeline(spec: ReaderSpec, recipes: list[ViewRecipe], gpu: bool, out_d
     image = _decode(encoded, gpu, hw_decoder_load)
     outputs = [view(image, shape, recipe, out_dtype, debug) for recipe in recipes]
     views = [o[0] for o in outputs]
-    boxes = [x for o in outputs for x in o[1:]]
-    return (*views, label, index, *boxes, *( [shape] if debug else []))
+    if not debug:
+        return (*views, label, index)
+    return (*views, label, index, *(box for o in outputs for box in o[1:]), shape)
 
 
 @pipeline_def(enable_checkpointing=True)
