@@ -6,12 +6,13 @@ S = floor(floor(N / W) / B) of them (full batches of distinct samples on every r
 seen at most once per epoch, exactly once when W*B divides N) and skips the rest. Evaluation yields all P
 batches with a `valid` mask that is False on padding, so each sample counts exactly once.
 
-Position. `state_dict()` holds the epoch, the step and DALI's own checkpoint (reader position and random
+Position. `state_dict()` (JSON-serialisable) holds the epoch, the step and DALI's own checkpoint (reader position and random
 state), so a loader restored from it continues with the same samples and the same augmentations.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,7 @@ class ShardLoader:
         self.epoch, self.step, checkpoint = 0, 0, None
         if state is not None:
             self._check_state(state)
-            self.epoch, self.step, checkpoint = state["epoch"], state["step"], state["dali"]
+            self.epoch, self.step, checkpoint = state["epoch"], state["step"], base64.b64decode(state["dali"])
 
         shards = self.manifest.shards
         spec = ReaderSpec(
@@ -131,7 +132,7 @@ class ShardLoader:
             "num_samples": self.manifest.num_samples,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
-            "dali": self._iterator.checkpoints()[0],
+            "dali": base64.b64encode(self._iterator.checkpoints()[0]).decode(),  # JSON-safe
         }
 
     def _valid(self) -> torch.Tensor:

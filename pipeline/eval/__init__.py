@@ -1,0 +1,17 @@
+"""Evaluation of frozen backbones: feature extraction, weighted kNN and linear probe."""
+
+from pipeline.eval.features import extract_features
+from pipeline.eval.knn import knn_accuracy, knn_predict
+from pipeline.eval.linear import LinearProbe, train_linear_probe
+from pipeline.eval.metrics import balanced_accuracy, per_class_accuracy, top1_accuracy
+
+__all__ = [
+    "LinearProbe",
+    "balanced_accuracy",
+    "extract_features",
+    "knn_accuracy",
+    "knn_predict",
+    "per_class_accuracy",
+    "top1_accuracy",
+    "train_linear_probe",
+]
