@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,11 +31,15 @@ sys.path.insert(0, str(ROOT))  # the project need not be installed (the GPU mach
 
 from data_shards import create  # noqa: E402
 from data_shards.shards import read_index, read_manifest  # noqa: E402
-from pipeline.config import DataConfig, ViewPreset, ViewRecipe  # noqa: E402
+from pipeline.config import Blur, ColorJitter, DataConfig, ViewPreset, ViewRecipe  # noqa: E402
 from pipeline.data.loader import ShardLoader  # noqa: E402
 
-# The ViewRecipe fields torchvision_view maps; a new field fails loudly here instead of silently drifting.
-MAPPED_FIELDS = {"size", "scale", "ratio", "flip", "color_jitter", "grayscale", "blur", "solarize", "mean", "std"}
+# The recipe fields torchvision_view maps; a field added to the config fails loudly here instead of drifting.
+MAPPED_FIELDS = {
+    ViewRecipe: {"size", "scale", "ratio", "flip", "color_jitter", "grayscale", "blur", "solarize", "mean", "std"},
+    ColorJitter: {"brightness", "contrast", "saturation", "hue", "probability"},
+    Blur: {"probability", "sigma"},
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,8 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def torchvision_view(recipe: ViewRecipe) -> v2.Compose:
     """The DALI graph's recipe in torchvision v2 (PIL until the end, as the usual SSL loaders do)."""
-    if set(ViewRecipe.model_fields) != MAPPED_FIELDS:
-        raise RuntimeError(f"ViewRecipe fields changed: {sorted(set(ViewRecipe.model_fields) ^ MAPPED_FIELDS)}")
+    for model, fields in MAPPED_FIELDS.items():
+        if set(model.model_fields) != fields:
+            raise RuntimeError(f"{model.__name__} fields changed: {sorted(set(model.model_fields) ^ fields)}")
     ops = [
         v2.RandomResizedCrop(recipe.size, scale=recipe.scale, ratio=recipe.ratio, antialias=True),
         v2.RandomHorizontalFlip(recipe.flip),
@@ -107,7 +112,7 @@ class ShardImages(Dataset):
 
 
 def endless(loader):
-    """Epoch after epoch (both loaders yield one epoch per iter())."""
+    """Epoch after epoch (ShardLoader yields one epoch per iter())."""
     while True:
         yield from loader
 
@@ -165,16 +170,21 @@ def run(args, shards: Path, report) -> None:
     if args.epochs:
         timed = args.epochs * (read_manifest(shards).num_samples // args.batch_size)
 
-    # Baseline first: its workers fork before any DALI or CUDA threads exist. With a GPU in use the
-    # batches go there (pinned, non-blocking), as a training step would need them.
+    # Baseline first: its workers fork before any DALI pipeline (and its threads) exists. With a GPU in use
+    # the batches go there (pinned, non-blocking), as a training step would need them.
     target = "cuda" if gpu_runs else "cpu"
-    loader = DataLoader(
-        ShardImages(shards, [torchvision_view(r) for r in recipes]), batch_size=args.batch_size, shuffle=True,
-        drop_last=True, num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=gpu_runs,
-    )
-    views = ([v.to(target, non_blocking=True) for v in batch] for batch in endless(loader))
-    settings = {**common, "workers": args.workers, "decode": "PIL", "to": target}
-    report(measure(f"torchvision ({args.workers} workers)", views, args.warmup, timed, recipes, gpu_runs,
+    dataset = ShardImages(shards, [torchvision_view(r) for r in recipes])
+    # Each worker makes whole batches, so they arrive `workers` at a time: count whole rounds, or a clock
+    # started or stopped mid-round is off by up to a round.
+    warmup, steps = (-(-n // args.workers) * args.workers for n in (args.warmup, timed))
+    # One sampler pass spans all epochs, so workers never drain at an epoch's end (DALI's reader does not
+    # either); with a small set that would leave most of them idle.
+    sampler = RandomSampler(dataset, num_samples=(warmup + steps) * args.batch_size)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=args.workers, pin_memory=gpu_runs)
+    views = ([v.to(target, non_blocking=True) for v in batch] for batch in loader)
+    settings = {**common, "warmup": warmup, "workers": args.workers, "decode": "PIL", "to": target}
+    report(measure(f"torchvision ({args.workers} workers)", views, warmup, steps, recipes, gpu_runs,
                    gpu_name or cpu_name, settings))
     del views, loader  # stop the workers before DALI runs
 
@@ -186,7 +196,9 @@ def run(args, shards: Path, report) -> None:
         cfg = DataConfig(views=preset, batch_size=args.batch_size, num_threads=args.workers, **overrides)
         dali = ShardLoader(shards, cfg, train=True, device_id=device_id)
         on_gpu = device_id is not None
-        settings = {**common, "threads": args.workers, "decode": "mixed" if on_gpu else "cpu", **overrides}
+        # ShardLoader decodes and drops padded_steps - steps_per_epoch batches per epoch: in the time, not the count
+        settings = {**common, "threads": args.workers, "decode": "mixed" if on_gpu else "cpu", **overrides,
+                    "steps_per_epoch": dali.steps_per_epoch, "padded_steps": dali.padded_steps}
         views = (batch.views for batch in endless(dali))
         report(measure(name, views, args.warmup, timed, recipes, on_gpu, gpu_name if on_gpu else cpu_name, settings))
         del views, dali  # free its threads and GPU memory before the next variant
