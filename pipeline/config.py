@@ -1,13 +1,16 @@
-"""Typed, validated configuration. Every model forbids unknown keys, so a typo stops the run naming the key.
+"""Typed, validated configuration: YAML recipe + `key=value` overrides -> one frozen `Config`.
 
-This module holds the data part (views and reading); the training issue adds the rest around it.
+Every model forbids unknown keys, so a typo stops the run naming the key; cross-field checks (a queue the
+global batch does not fit, a method ZeRO-3 cannot run) stop it before any process group forms.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -145,3 +148,143 @@ def format_validation_error(error, prefix: str = "") -> str:
         got = f" (got {err['input']!r})" if err["type"] != "extra_forbidden" and "input" in err else ""
         lines.append(f"{key}: {err['msg']}{got}")
     return "; ".join(lines)
+
+
+# --- models, methods, optimisation, engine, run ----------------------------------------------------------
+
+
+class HeadConfig(Strict):
+    """MLP head: `layers` linear layers, BatchNorm + ReLU between them."""
+
+    hidden_dim: int = Field(2048, ge=1)
+    out_dim: int = Field(128, ge=1)
+    layers: int = Field(2, ge=1, le=4)
+    last_bn: bool = False  # BatchNorm without affine on the output (MoCo v3)
+
+
+class ModelConfig(Strict):
+    backbone: str = "resnet18"  # any timm ResNet or ViT name
+    cifar_stem: bool = False  # ResNets: 3x3 stride-1 first conv and no max-pool, for 32x32 inputs
+    img_size: int | None = None  # ViTs: input size (default: the largest view's size)
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    projector: HeadConfig = HeadConfig()
+    predictor: HeadConfig | None = None
+    freeze_patch_embed: bool = False  # ViTs: keep the random patch projection fixed (MoCo v3)
+    channels_last: bool = True  # CNNs only
+    grad_checkpointing: bool = False
+    compile: bool = False
+
+
+class MethodConfig(Strict):
+    name: Literal["simclr", "mocov2", "mocov3"] = "simclr"
+    temperature: float = Field(0.2, gt=0.0)
+    queue_size: int = Field(65536, ge=1)  # mocov2
+    momentum: float = Field(0.99, ge=0.0, le=1.0)  # base EMA momentum (mocov2: constant; mocov3: cosine to 1)
+    momentum_schedule: Literal["constant", "cosine"] = "cosine"
+    batch_norm: Literal["shuffle", "sync", "local"] = "shuffle"  # mocov2: how keys avoid BatchNorm leaks
+    shuffle_groups: int = Field(1, ge=1)  # mocov2 ShuffleBN emulation: key batch split into groups per rank
+    loss_impl: Literal["auto", "reference", "chunked", "triton"] = "auto"
+
+
+class OptimConfig(Strict):
+    name: Literal["sgd", "lars", "adamw"] = "sgd"
+    lr: float = Field(0.3, gt=0.0)  # per 256 images of global batch when scale_lr
+    scale_lr: bool = True
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd, lars
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    warmup_epochs: float = Field(10.0, ge=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    accumulation_steps: int = Field(1, ge=1)
+
+
+class EngineConfig(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    offload_optimizer: bool = False
+    deepspeed_config: str | None = None  # a JSON file whose keys are merged under ours (launch/deepspeed/)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(100, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # stop early (total steps still follow `epochs` for schedules)
+    seed: int = 0
+    log_every: int = Field(20, ge=1)  # steps
+    checkpoint_every: int = Field(1000, ge=1)  # steps; and at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    knn_every: int = Field(10, ge=0)  # epochs; 0: only before and after training
+    knn_k: int = Field(200, ge=1)
+    output: str = "runs/default"
+    data: str | None = None
+    val_data: str | None = None
+    resume: str = "auto"  # auto | never | a checkpoint folder
+    deterministic: bool = False
+
+
+class Config(Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig()
+    engine: EngineConfig = EngineConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        method, n_views = self.method, len(self.data.view_recipes())
+        if method.name in ("simclr", "mocov3", "mocov2") and n_views != 2:
+            raise ValueError(f"method.name={method.name} needs exactly 2 views, data.views gives {n_views}")
+        if method.name == "mocov3" and self.model.predictor is None:
+            raise ValueError("method.name=mocov3 needs model.predictor")
+        if method.name == "mocov2" and method.batch_norm == "shuffle" and self.engine.zero_stage == 3:
+            raise ValueError("method.batch_norm=shuffle is not supported under engine.zero_stage=3; use sync")
+        if self.model.freeze_patch_embed and "vit" not in self.model.backbone:
+            raise ValueError(f"model.freeze_patch_embed needs a ViT backbone, got {self.model.backbone}")
+        if self.model.cifar_stem and "resnet" not in self.model.backbone:
+            raise ValueError(f"model.cifar_stem needs a ResNet backbone, got {self.model.backbone}")
+        if self.data.batch_size % method.shuffle_groups:
+            raise ValueError(f"method.shuffle_groups={method.shuffle_groups} must divide data.batch_size={self.data.batch_size}")
+        return self
+
+    def check_world(self, world_size: int) -> None:
+        """Checks that need the world size, run before any process group forms."""
+        global_batch = self.data.batch_size * world_size
+        if self.method.name == "mocov2" and self.method.queue_size < global_batch:
+            raise ValueError(
+                f"method.queue_size={self.method.queue_size} cannot hold one global batch of {global_batch} "
+                f"keys (data.batch_size={self.data.batch_size} x {world_size} ranks)"
+            )
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong (the message names the key)."""
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Recipe YAML (or the defaults) with `section.key=value` overrides (values parsed as YAML)."""
+    tree = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(value))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(f"{path or 'configuration'}: {format_validation_error(e)}") from None

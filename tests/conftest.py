@@ -74,3 +74,23 @@ def small_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small")
     src = image_folder(root / "src", random_images(60))
     return make_shards(src, root / "shards", "--shard-size-mb", "0.05")
+
+
+def tiny_config(method: str = "simclr", *extra: str):
+    """A configuration small enough for CPU tests: timm's test ViT at 16x16, heads without BatchNorm
+    (so results do not depend on how a batch is split across ranks)."""
+    from pipeline.config import load_config
+
+    overrides = [
+        f"method.name={method}",
+        "data.views=[{size: 16}, {size: 16}]",
+        "data.batch_size=4",
+        "model.backbone=test_vit",
+        "model.projector={hidden_dim: 32, out_dim: 16, layers: 1}",
+        "method.queue_size=16",
+        "method.batch_norm=local",
+        "engine.precision=fp32",
+    ]
+    if method == "mocov3":
+        overrides.append("model.predictor={hidden_dim: 32, out_dim: 16, layers: 1}")
+    return load_config(None, overrides + list(extra))

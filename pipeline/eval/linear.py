@@ -66,7 +66,8 @@ def train_linear_probe(
     else:
         opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     # Whole batches only (a size-1 remainder would break BatchNorm); each shuffle leaves out different rows.
-    batch_size = min(batch_size, n)
+    # Small sets get smaller batches: at least ~10 steps per epoch, or the probe would barely train.
+    batch_size = min(batch_size, max(2, n // 10))
     steps = n // batch_size
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
     generator = torch.Generator().manual_seed(seed)

@@ -1,0 +1,31 @@
+"""python launch/export.py CHECKPOINT OUT: write the online backbone of a checkpoint as a folder that
+`timm.create_model("local-dir:OUT", pretrained=True)` loads (config.json, model.safetensors, README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.checkpoint import CheckpointError, export_backbone  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="launch/export.py", description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", type=Path, help="a checkpoint folder (RUN/checkpoints/step-NNNNNNNN)")
+    p.add_argument("out", type=Path)
+    args = p.parse_args(argv)
+    try:
+        export_backbone(args.checkpoint, args.out)
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: timm.create_model('local-dir:{args.out}', pretrained=True)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""Contrastive losses: InfoNCE (dense reference, chunked PyTorch, fused Triton), OUCL, gathered keys.
+
+This floor imports nothing from pipeline.methods or pipeline.train. Triton is imported only when a Triton
+path runs, so the package works where triton is absent.
+"""
+
+from .distributed import gather_with_grad, gathered_info_nce
+from .infonce import info_nce
+from .oucl import oucl_log_sum_exps, oucl_loss
+
+__all__ = ["info_nce", "gathered_info_nce", "gather_with_grad", "oucl_log_sum_exps", "oucl_loss"]

@@ -1,0 +1,13 @@
+"""Methods by name. Adding one: a module here with a `Method` subclass, and a line below."""
+
+from pipeline.config import Config
+from pipeline.methods.base import Method
+from pipeline.methods.mocov2 import MoCoV2
+from pipeline.methods.mocov3 import MoCoV3
+from pipeline.methods.simclr import SimCLR
+
+METHODS: dict[str, type[Method]] = {"simclr": SimCLR, "mocov2": MoCoV2, "mocov3": MoCoV3}
+
+
+def build_method(cfg: Config) -> Method:
+    return METHODS[cfg.method.name](cfg)

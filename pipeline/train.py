@@ -1,0 +1,303 @@
+"""The training loop: DeepSpeed engine, schedules, checkpoints, logging, online kNN. It knows no method by
+name: a method is a module whose forward gives (loss, parts) and whose `after_step` runs after each
+optimizer step."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from pipeline import checkpoint
+from pipeline.config import Config
+from pipeline.data.loader import ShardLoader
+from pipeline.data.preview import view_grid
+from pipeline.eval import extract_features, knn_accuracy
+from pipeline.methods import build_method
+
+PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def init_distributed() -> tuple[int, int, int, torch.device]:
+    """Join the launcher's process group, or make a one-process group when run as plain `python`."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), local_rank, device
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    ds = json.loads(Path(cfg.engine.deepspeed_config).read_text()) if cfg.engine.deepspeed_config else {}
+    zero = {**ds.get("zero_optimization", {}), "stage": cfg.engine.zero_stage}
+    if cfg.engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.data.batch_size,
+        gradient_accumulation_steps=cfg.optim.accumulation_steps,
+        gradient_clipping=cfg.optim.grad_clip or 0.0,
+        zero_optimization=zero,
+        zero_allow_untested_optimizer=True,  # timm's optimizers (LARS, AdamW with weight-decay groups)
+        steps_per_print=10**9,
+    )
+    # Mixed precision through autocast: parameters stay fp32, so BatchNorm works and the momentum
+    # encoder, a part of the same module, is updated in fp32 (DeepSpeed's bf16/fp16 modes cast both).
+    if cfg.engine.precision != "fp32":
+        ds["torch_autocast"] = {"enabled": True, "dtype": PRECISION[cfg.engine.precision]}
+    return ds
+
+
+def build_optimizer(method: torch.nn.Module, cfg: Config, world_size: int, total_steps: int, steps_per_epoch: int):
+    """timm optimizer (no weight decay on norms and biases), LR scaled by global batch / 256, warm-up + cosine."""
+    o = cfg.optim
+    global_batch = cfg.data.batch_size * world_size * o.accumulation_steps
+    lr = o.lr * global_batch / 256 if o.scale_lr else o.lr
+    extra = {"betas": o.betas} if o.name == "adamw" else {"momentum": o.momentum}
+    optimizer = create_optimizer_v2(method, opt=o.name, lr=lr, weight_decay=o.weight_decay, **extra)
+    warmup = min(int(o.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=total_steps, lr_min=o.min_lr, warmup_t=warmup, warmup_lr_init=lr * 1e-3,
+        warmup_prefix=True, t_in_epochs=False,
+    )
+    return optimizer, scheduler
+
+
+class Meter:
+    """Per logging interval: summed loss parts (device tensors, read once), steps, time waiting for data."""
+
+    def __init__(self):
+        self.first = True
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.data_wait, self.steps, self.sums = time.perf_counter(), 0.0, 0, {}
+
+    def timed(self, loader):
+        batches = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            self.data_wait += time.perf_counter() - t0
+            if batch is None:
+                return
+            yield batch
+            self.first = False
+
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        for key, value in parts.items():
+            self.sums[key] = self.sums.get(key, 0) + value.float()
+
+    def summary(self, global_batch: int, accumulation: int) -> dict[str, float]:
+        elapsed, micro = time.perf_counter() - self.start, self.steps * accumulation
+        values = {key: value.item() / micro for key, value in self.sums.items()}  # the interval's one host sync
+        values.update({
+            "throughput/images_per_s": micro * global_batch / elapsed,
+            "time/step_s": elapsed / self.steps,
+            "time/data_wait_fraction": self.data_wait / elapsed,
+        })
+        self.reset()
+        return values
+
+
+class Logger:
+    """TensorBoard scalars and a progress bar (or plain periodic lines off a terminal), on rank 0 only."""
+
+    def __init__(self, cfg: Config, output: Path, rank: int, total_steps: int, start: int):
+        self.active = rank == 0
+        self.writer = SummaryWriter(str(output / "tensorboard")) if self.active else None
+        self.bar = None
+        if self.active and sys.stderr.isatty():
+            self.bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.active:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        text = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in values.items() if not k.startswith("time/"))
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+        else:
+            print(f"step {step}: {text}", flush=True)
+
+    def views(self, views: list[torch.Tensor], recipes) -> None:
+        if self.active:
+            grid = view_grid(views, recipes, min(8, views[0].shape[0]))
+            self.writer.add_image("views", np.asarray(grid), 0, dataformats="HWC")
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def say(self, text: str) -> None:
+        if self.active:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.active:
+            if self.bar is not None:
+                self.bar.close()
+            self.writer.close()
+
+
+def knn_monitor(backbone, cfg: Config, rank: int, world_size: int, device, device_id) -> float | None:
+    """Weighted kNN top-1 (k = train.knn_k) of the validation set against the training set."""
+    if not cfg.train.val_data:
+        return None
+    dtype = torch.bfloat16 if cfg.engine.precision == "bf16" and device.type == "cuda" else None
+    feats = []
+    for folder in (cfg.train.data, cfg.train.val_data):
+        loader = ShardLoader(folder, cfg.data, train=False, rank=rank, world_size=world_size, device_id=device_id)
+        feats.append(extract_features(backbone, loader, device, dtype=dtype))
+    (train_x, train_y, _), (val_x, val_y, _) = feats
+    k = min(cfg.train.knn_k, train_x.shape[0])
+    return knn_accuracy(train_x, train_y, val_x, val_y, ks=(k,))[k]
+
+
+def backbone_state(engine, method) -> dict:
+    """The online backbone's full state (gathered from ZeRO-3 partitions), for rank 0 to save."""
+    params = list(method.backbone.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
+        return {k: v.detach().float().cpu().clone() for k, v in method.backbone.state_dict().items()}
+
+
+def train(cfg: Config) -> Path:
+    rank, world_size, local_rank, device = init_distributed()
+    torch.manual_seed(cfg.train.seed + rank)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    output, ckpt_dir = Path(cfg.train.output), Path(cfg.train.output) / "checkpoints"
+    device_id = local_rank if device.type == "cuda" else None
+
+    method = build_method(cfg)
+    if cfg.method.batch_norm == "sync" and world_size > 1:
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    resume_from = checkpoint.resolve(cfg.train.resume, ckpt_dir)
+    meta = checkpoint.check_fingerprint(resume_from, checkpoint.fingerprint(method, cfg)) if resume_from else None
+    data_state = None
+    if resume_from is not None:
+        saved = json.loads(checkpoint.rank_state_file(resume_from, rank).read_text()) if meta["world_size"] == world_size else None
+        data_state = saved["data"] if saved else None
+
+    loader = ShardLoader(cfg.train.data, cfg.data, rank=rank, world_size=world_size, device_id=device_id, state=data_state)
+    steps_per_epoch = len(loader) // cfg.optim.accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"optim.accumulation_steps={cfg.optim.accumulation_steps} exceeds the {len(loader)} batches of an epoch")
+    total_steps = cfg.train.epochs * steps_per_epoch
+    last_step = min(total_steps, cfg.train.max_steps or total_steps)
+
+    optimizer, scheduler = build_optimizer(method, cfg, world_size, total_steps, steps_per_epoch)
+    ds_config, load_from, module_only = deepspeed_config(cfg), None, False
+    if resume_from is not None:
+        load_from = resume_from.parent
+        if meta["world_size"] != world_size:
+            load_from, module_only = checkpoint.plan_reshard(resume_from, cfg, rank)
+            if not module_only:
+                ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
+    step = 0
+    if resume_from is not None:
+        engine.load_checkpoint(str(load_from), tag=resume_from.name, load_lr_scheduler_states=False,
+                               load_module_only=module_only)
+        if ds_config.get("checkpoint", {}).get("load_universal"):
+            checkpoint.restore_untrained_state(engine.module, resume_from)
+        step = meta["step"]
+        if saved is not None:
+            checkpoint.set_rng_state(saved["rng"])
+        if load_from != resume_from.parent:  # the converted copy is only needed for loading
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(load_from, ignore_errors=True)
+    if cfg.model.compile:
+        engine.compile()
+
+    log = Logger(cfg, output, rank, last_step, step)
+    log.say(f"{world_size} rank(s) on {device.type}; {len(loader)} batches of {cfg.data.batch_size} per rank per epoch; "
+            f"{total_steps} steps in all" + (f"; resumed from {resume_from} at step {step}" if resume_from else ""))
+    if resume_from is not None and saved is None:
+        log.say(f"the checkpoint was written by {meta['world_size']} rank(s): the data position restarts at an epoch start"
+                + ("; optimizer state restarts (only AdamW's carries over to another world size)" if module_only else ""))
+    metrics = dict(meta.get("metrics", {})) if meta else {}
+
+    def monitor(when: str) -> None:
+        knn = knn_monitor(method.backbone, cfg, rank, world_size, device, device_id)
+        if knn is not None:
+            metrics[f"knn_top1_k{cfg.train.knn_k}"] = knn
+            log.scalars(step, {"eval/knn_top1": knn})
+            log.say(f"kNN top-1 {when}: {knn:.2%}")
+
+    if step == 0:
+        monitor("before training")
+
+    def save(at_step: int) -> Path:
+        meta_out = {"world_size": world_size, "fingerprint": checkpoint.fingerprint(method, cfg),
+                    "config": cfg.model_dump(mode="json"), "epoch": loader.epoch,
+                    "num_features": method.backbone.num_features, "metrics": metrics}
+        return checkpoint.save(
+            engine, ckpt_dir, at_step, rank, {"data": loader.state_dict()}, meta_out,
+            backbone_state(engine, method), cfg.train.keep_checkpoints,
+        )
+
+    meter, path, start_step = Meter(), resume_from, step
+    while step < last_step:
+        for batch in meter.timed(loader):  # the rest of one epoch
+            views = [v.to(device, non_blocking=True) for v in batch.views]
+            if meter.first:
+                log.views(views, cfg.data.view_recipes())
+            loss, parts = engine(views)
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:
+                scheduler.step_update(step + 1)
+            engine.step()
+            meter.add({"loss/total": loss.detach(), **parts})
+            if not boundary:
+                continue
+            step += 1
+            extra = engine.module.after_step(step / total_steps)
+            meter.steps += 1
+            log.advance()
+            if step % cfg.train.log_every == 0 or step == last_step:
+                values = meter.summary(cfg.data.batch_size * world_size, cfg.optim.accumulation_steps)
+                values.update(lr=optimizer.param_groups[0]["lr"], **extra)
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    values["grad_norm"] = float(grad_norm)
+                if device.type == "cuda":
+                    values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                log.scalars(step, values)
+            if step % cfg.train.checkpoint_every == 0 and step < last_step:
+                path = save(step)
+            if step == last_step:
+                break
+        epoch_done = loader.step >= loader.steps_per_epoch
+        if epoch_done and cfg.train.knn_every and (loader.epoch + 1) % cfg.train.knn_every == 0 and step < last_step:
+            monitor(f"after epoch {loader.epoch + 1}")
+    if step > start_step:  # a run resumed at its end has nothing new to save
+        monitor("after training")
+        path = save(step)
+    if rank == 0:
+        checkpoint.export_backbone(path, output / "backbone")
+    log.say(f"checkpoint: {path}\nbackbone for timm: {output / 'backbone'}\ntensorboard: {output / 'tensorboard'}")
+    log.close()
+    return path

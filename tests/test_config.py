@@ -1,0 +1,70 @@
+"""Configuration: recipes load, overrides apply, and every mistake names its key before anything runs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipes_validate(recipe):
+    cfg = load_config(recipe)
+    METHODS[cfg.method.name].check_config(cfg)
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(None, ["optim.lr=0.5", "data.views={preset: byol, size: 64}", "engine.zero_stage=2"])
+    assert cfg.optim.lr == 0.5 and cfg.data.view_recipes()[1].solarize == 0.2 and cfg.engine.zero_stage == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=3", "optim.lrr: Extra inputs are not permitted"),
+        ("optim.lr=fast", "optim.lr: Input should be a valid number"),
+        ("method.temperature=0", "method.temperature: Input should be greater than 0"),
+        ("engine.zero_stage=4", "engine.zero_stage"),
+        ("data.views=[]", "at least one view"),
+        ("method.name=mocov3", "needs model.predictor"),
+        ("model.cifar_stem=true model.backbone=vit_small_patch16_224", "cifar_stem needs a ResNet"),
+        ("data.batch_size=6 method.shuffle_groups=4", "must divide data.batch_size"),
+        ("oops", "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override.split())
+
+
+def test_queue_must_hold_a_global_batch():
+    cfg = load_config(None, ["method.name=mocov2", "method.queue_size=1000", "data.batch_size=256"])
+    cfg.check_world(3)
+    with pytest.raises(ValueError, match="method.queue_size=1000 cannot hold one global batch of 1024"):
+        cfg.check_world(4)
+
+
+def test_compile_under_zero3_is_refused():
+    cfg = load_config(None, ["engine.zero_stage=3", "model.compile=true"])
+    with pytest.raises(ValueError, match="model.compile"):
+        METHODS[cfg.method.name].check_config(cfg)
+
+
+def test_pretrain_stops_before_any_process_group(tmp_path):
+    """A wrong key exits with code 2 and the key's name, without importing DeepSpeed or touching data."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--data", str(tmp_path), "optim.mometum=0.9"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2 and "optim.mometum: Extra inputs are not permitted" in out.stderr
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--data", str(tmp_path / "none")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2 and "no such shard folder" in out.stderr
