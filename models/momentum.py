@@ -25,7 +25,15 @@ class MomentumEncoder(nn.Module):
 
     @torch.no_grad()
     def update(self, online: nn.Module, momentum: float) -> None:
-        pairs = list(zip(self.encoder.parameters(), online.parameters()))
-        local = [(getattr(m, "ds_tensor", m.data), getattr(o, "ds_tensor", o.data)) for m, o in pairs]
-        targets = [m for m, _ in local]
-        torch._foreach_lerp_(targets, [o.to(m.dtype) for m, o in local], 1.0 - momentum)
+        targets, sources = [], []
+        for m, o in zip(self.encoder.parameters(), online.parameters()):
+            if hasattr(m, "ds_tensor"):  # ZeRO-3: this rank's partition ...
+                targets.append(m.ds_tensor)
+                sources.append(o.ds_tensor)
+                if getattr(m, "ds_persist", False):  # ... and the full copy ZeRO-3 keeps of small parameters
+                    targets.append(m.data)
+                    sources.append(o.data)
+            else:
+                targets.append(m.data)
+                sources.append(o.data)
+        torch._foreach_lerp_(targets, [s.to(t.dtype) for t, s in zip(targets, sources)], 1.0 - momentum)

@@ -209,6 +209,7 @@ class EngineConfig(Strict):
 class TrainConfig(Strict):
     epochs: int = Field(100, ge=1)
     max_steps: int | None = Field(None, ge=1)  # stop early (total steps still follow `epochs` for schedules)
+    time_limit_minutes: float | None = Field(None, gt=0)  # stop (and save) once this much time has passed
     seed: int = 0
     log_every: int = Field(20, ge=1)  # steps
     checkpoint_every: int = Field(1000, ge=1)  # steps; and at the end

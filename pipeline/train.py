@@ -174,6 +174,15 @@ def knn_monitor(backbone, cfg: Config, rank: int, world_size: int, device, devic
     return knn_accuracy(train_x, train_y, val_x, val_y, ks=(k,))[k]
 
 
+def out_of_time(started: float, limit_minutes: float | None, device: torch.device) -> bool:
+    """Rank 0's clock decides for every rank, so all stop at the same step."""
+    if limit_minutes is None:
+        return False
+    flag = torch.tensor([time.perf_counter() - started > 60 * limit_minutes], dtype=torch.int32, device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def backbone_state(engine, method) -> dict:
     """The online backbone's full state (gathered from ZeRO-3 partitions), for rank 0 to save."""
     params = list(method.backbone.parameters())
@@ -251,14 +260,14 @@ def train(cfg: Config) -> Path:
 
     def save(at_step: int) -> Path:
         meta_out = {"world_size": world_size, "fingerprint": checkpoint.fingerprint(method, cfg),
-                    "config": cfg.model_dump(mode="json"), "epoch": loader.epoch,
+                    "config": cfg.model_dump(mode="json"), "epochs_done": at_step / steps_per_epoch,
                     "num_features": method.backbone.num_features, "metrics": metrics}
         return checkpoint.save(
             engine, ckpt_dir, at_step, rank, {"data": loader.state_dict()}, meta_out,
             backbone_state(engine, method), cfg.train.keep_checkpoints,
         )
 
-    meter, path, start_step = Meter(), resume_from, step
+    meter, path, start_step, started = Meter(), resume_from, step, time.perf_counter()
     while step < last_step:
         for batch in meter.timed(loader):  # the rest of one epoch
             views = [v.to(device, non_blocking=True) for v in batch.views]
@@ -277,6 +286,8 @@ def train(cfg: Config) -> Path:
             extra = engine.module.after_step(step / total_steps)
             meter.steps += 1
             log.advance()
+            if step % cfg.train.log_every == 0 and out_of_time(started, cfg.train.time_limit_minutes, device):
+                last_step = step
             if step % cfg.train.log_every == 0 or step == last_step:
                 values = meter.summary(cfg.data.batch_size * world_size, cfg.optim.accumulation_steps)
                 values.update(lr=optimizer.param_groups[0]["lr"], **extra)

@@ -155,3 +155,37 @@ def test_queue_is_the_same_on_every_rank_and_survives_a_world_size_change(tmp_pa
     assert_close_norm(after["queue"], uninterrupted["queue"], "queue")  # keys come from the restored weights
     if optimizer == "adamw":  # Adam's state re-cut by DeepSpeed's universal checkpoint: the step matches
         assert_close_norm(after["weight"], uninterrupted["weight"], "weight")
+
+
+# --- the momentum encoder under ZeRO-3 ---------------------------------------------------------------------
+
+
+def _momentum_worker(rank, world, stage, out):
+    import deepspeed
+
+    from pipeline.train import deepspeed_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config("mocov3", f"engine.zero_stage={stage}", f"data.batch_size={GLOBAL_BATCH // world}", "method.momentum=0.9")
+    method = build_method(cfg)
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    engine, *_ = deepspeed.initialize(model=method, optimizer=optimizer, config=deepspeed_config(cfg))
+    train_steps(engine, method, rank, world, 3)
+    params = list(method.momentum_encoder.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+        weights = {n: p.detach().clone() for n, p in method.momentum_encoder.named_parameters()}
+    if rank == 0:
+        save_file(weights, out)
+
+
+def test_momentum_encoder_under_zero3_matches_unpartitioned(tmp_path):
+    for stage in (0, 3):
+        spawn(_momentum_worker, 2, stage, str(tmp_path / f"stage{stage}.safetensors"))
+    plain, partitioned = (load_file(tmp_path / f"stage{s}.safetensors") for s in (0, 3))
+    torch.manual_seed(0)
+    initial = dict(build_method(tiny_config("mocov3")).momentum_encoder.named_parameters())
+    moved = 0
+    for key in plain:
+        assert_close_norm(partitioned[key], plain[key], key)
+        moved += not torch.equal(plain[key], initial[key].detach())
+    assert moved > len(plain) // 2  # the EMA actually moved the weights

@@ -93,13 +93,17 @@ def _run(fn, inputs: dict, dtype: torch.dtype, device: str, **fixed):
 
 def assert_info_nce_matches(case: str, impl: str, dtype: torch.dtype, device: str = "cpu", dim: int = 32, seed: int = 0):
     inputs = INFO_NCE_CASES[case](torch.Generator().manual_seed(seed), dim)
+    assert_matches_reference(inputs, impl, dtype, device, label=f"{case}, D={dim}")
+
+
+def assert_matches_reference(inputs: dict, impl: str, dtype: torch.dtype, device: str, label: str):
     expected = _run(info_nce, inputs, torch.float64, device, impl="reference")
     actual = _run(info_nce, inputs, dtype, device, impl=impl)
     for name, a, e in zip(("loss", "grad q", "grad k"), actual, expected):
         if e is not None:
             assert a.dtype == (torch.float32 if name == "loss" else dtype)
             err = relative_error(a, e)
-            assert err <= TOLERANCE[dtype], f"{case}, {impl}, {dtype}, D={dim}: {name} relative error {err:.2e}"
+            assert err <= TOLERANCE[dtype], f"{label}, {impl}, {dtype}: {name} relative error {err:.2e}"
     if "upstream" in inputs:  # rows whose loss gets no gradient give their query none at all
         assert (actual[1][inputs["upstream"] == 0] == 0).all()
 
@@ -119,10 +123,15 @@ OUCL_CASES = {
         q=unit_rows(g, 23, d), k=unit_rows(g, 31, d), positives=torch.stack([torch.arange(23), torch.arange(23)], 1),
         weighting=False, margins=False,
     ),
-    # Features off the unit sphere reach the clamps of Γ (cos < -1 - 2γ), which unit features never do.
+    # Features off the unit sphere reach the clamps of Γ (cos < -1 - 2γ), which unit features never do;
+    # a small β gives the clamped pairs a visible share of the softmax.
     "NT-Xent, clamped weights": lambda g, d: dict(
         q=1.8 * unit_rows(g, 30, d), k=None, positives=(torch.arange(30) + 15) % 30, mask_self=True,
-        detach_weights=False, gamma=0.1,
+        detach_weights=False, gamma=0.1, beta=1.0,
+    ),
+    # Row 0 leaves out all of keys 0-15: a whole key tile under the interpreter.
+    "a tile of positives": lambda g, d: dict(
+        q=unit_rows(g, 6, d), k=unit_rows(g, 40, d), positives=(torch.arange(16) + 3 * torch.arange(6)[:, None]) % 40,
     ),
 }
 
@@ -141,7 +150,7 @@ def assert_oucl_matches(case: str, impl: str, dtype: torch.dtype, device: str = 
 @pytest.fixture
 def small_chunks(monkeypatch):
     """A few keys per chunk, so the online log-sum-exp combines many chunks and a partial last one."""
-    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 200)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -161,6 +170,15 @@ def test_auto_is_chunked_on_the_cpu():
     g = torch.Generator().manual_seed(1)
     q, k = unit_rows(g, 9, 16).float(), unit_rows(g, 12, 16).float()
     assert torch.equal(info_nce(q, k, 0.1), info_nce(q, k, 0.1, impl="chunked"))
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_queue_gets_no_gradient(impl):
+    g = torch.Generator().manual_seed(6)
+    q, k = unit_rows(g, 5, 16).requires_grad_(), unit_rows(g, 7, 16)
+    queue = unit_rows(g, 4, 16).requires_grad_()
+    info_nce(q, k, 0.1, queue=queue, impl=impl).backward()
+    assert queue.grad is None and q.grad is not None
 
 
 # The reference is the definition; check it against PyTorch's cross-entropy written out per method.
@@ -206,6 +224,7 @@ def test_gathered_info_nce_without_process_group_is_info_nce():
     )
 
 
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
 def test_value_checks_are_skipped_off_the_cpu_unless_anomaly_mode():
     meta = torch.empty(2, 16, device="meta")
     assert value_checks_enabled(torch.zeros(2, 16), None)

@@ -1,7 +1,7 @@
 """InfoNCE of local queries against keys gathered from all ranks, gradients returned to each key's owner.
 
 Loss scaling: each rank takes the mean over its own B rows; every rank's loss reaches every key, so the
-gather's backward sums the key gradients over ranks (all-reduce) and keeps the owner's slice. With the
+gather's backward sums the key gradients over ranks and hands each its own slice (reduce-scatter). With the
 gradient averaging of DDP or DeepSpeed on top, parameter gradients equal those of one process taking the
 mean over the concatenated batch (N = W·B rows against N keys). Averaging in the gather's backward, or
 returning only the local part of the key gradient, are the classic mistakes (open_clip issues 616, 894).
@@ -25,18 +25,19 @@ def rank_and_world(group=None) -> tuple[int, int]:
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        rank, world = rank_and_world(group)
+        world = rank_and_world(group)[1]
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous(), group=group)
-        ctx.group, ctx.rows = group, slice(rank * x.shape[0], (rank + 1) * x.shape[0])
+        ctx.group, ctx.world = group, world
         return torch.cat(parts)
 
     @staticmethod
     def backward(ctx, grad):
-        # All-reduce then slice rather than reduce-scatter: gloo (the CPU backend) has no reduce-scatter.
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rows], None
+        # Each rank's slice, summed over the ranks whose losses used it.
+        parts = list(grad.contiguous().chunk(ctx.world))
+        own = torch.empty_like(parts[0])
+        dist.reduce_scatter(own, parts, group=ctx.group)
+        return own, None
 
 
 def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:

@@ -101,7 +101,8 @@ class _Shape:
 
 
 def _reference(anchors, keys, index, own, shape: _Shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense: both sums read off the full B×N similarity matrix with a positive mask."""
+    """Dense: both sums read off the full B×N similarity matrix with a positive mask. An anchor with no
+    negative gets LSE_neg = -inf here as in the fused paths, but NaN gradients (torch.logsumexp's)."""
     work = torch.promote_types(anchors.dtype, torch.float32)
     s = (anchors.to(work) @ keys.to(work).T + 1) * 0.5
     positive = torch.zeros_like(s, dtype=torch.bool).scatter_(1, index, True)

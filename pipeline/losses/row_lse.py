@@ -2,9 +2,10 @@
 
     lse_i = log Σ_j exp(z(q_i·k_j)),  j over the keys not in exclude[i], then over every queue row,
 
-computed without materialising the B×N logits (chunked PyTorch or Triton), in fp32, with gradients to q
-and keys (never to the queue). A loss adds its positive terms analytically: a row has only a few positive
-keys, so they are a gather and a row-wise dot (`pair_dots`), not a dense matrix.
+computed without materialising the B×N logits (chunked PyTorch or Triton), in fp32 (the chunked path
+keeps fp64 inputs in fp64), with gradients to q and keys (never to the queue). A loss adds its positive
+terms analytically: a row has only a few positive keys, so they are a gather and a row-wise dot
+(`pair_dots`), not a dense matrix.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def row_log_sum_exp(
     logits: Logits,
     impl: str,
 ) -> torch.Tensor:
-    """lse [B] for impl "chunked" or "triton"; `exclude` [B, E] holds key indices (-1 for none)."""
+    """lse [B] for impl "chunked" or "triton"; `exclude` [B, E] holds the key indices row i leaves out."""
     queue = None if queue is None else queue.detach()
     if impl == "triton":
         # Imported here: triton is optional, and TRITON_INTERPRET must be set before the kernels are defined.

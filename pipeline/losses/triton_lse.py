@@ -5,9 +5,11 @@ fp16/bf16/fp32 inputs, applies the epilogue (z = S/τ, or OUCL's weighted negati
 max and sum (online log-sum-exp); only lse [B] is stored.
 Backward recomputes the tiles, W = g·softmax·dz/dx, and needs no atomics: one kernel over query blocks
 accumulates dQ = W·K, a second over key blocks accumulates dKᵀ = Wᵀ·Q (so autotuning may rerun both).
-Each program owns one chunk of at most 256 feature columns of its output; for D > 256 the tile scores
-are recomputed per chunk, which keeps the fp32 accumulator in registers for D up to 1024.
-Any B and N: partial tiles are masked.
+Features up to D = 256 are one chunk that stays in registers. Wider ones (up to 1024) go in chunks of
+128: each backward program owns one chunk of its output, so the fp32 accumulator fits in registers, and
+recomputes the tile scores over all chunks (ptxas reports spills there, unlike at D = 128 and 256).
+Any B and N: partial tiles are masked. W is cast to the input dtype for the tensor-core products, as
+PyTorch's own half-precision matmuls do: bf16 keeps fp32's range, fp16 training needs loss scaling.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import triton.language as tl
 from .logits import CircleNegativeLogits, Logits, ScaledLogits
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_BLOCK_D = 256
-WIDE_BLOCK_D = 128
+MAX_BLOCK_D = 256  # feature dims up to this are one (masked, power-of-two) chunk
+WIDE_BLOCK_D = 128  # the chunk for wider features
 
 
 def _configs(tiles):
@@ -253,53 +255,42 @@ class TritonRowLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, keys, queue, exclude, logits: Logits):
         q = q.contiguous()
-        # An absent key set is a zero-length loop in the kernels; q stands in for its pointer.
-        keys_or_q = q if keys is None else keys.contiguous()
-        queue_or_q = q if queue is None else queue.contiguous()
+        keys, n_keys = _key_set(keys, q)
+        queue, n_queue = _key_set(queue, q)
         exclude = None if exclude is None else exclude.to(torch.int32).contiguous()
-        n_keys = 0 if keys is None else keys.shape[0]
-        n_queue = 0 if queue is None else queue.shape[0]
-        constants = _constants(q, logits)
+        constants = dict(_constants(q, logits), N_EXCLUDE=0 if exclude is None else exclude.shape[1])
+        exclude_stride = 0 if exclude is None else exclude.stride(0)
         lse = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
         _forward_kernel[lambda meta: (triton.cdiv(q.shape[0], meta["BLOCK_M"]),)](
-            q, keys_or_q, queue_or_q, exclude, lse, q.shape[0], n_keys, n_queue,
-            q.stride(0), keys_or_q.stride(0), queue_or_q.stride(0), _row_stride(exclude),
-            N_EXCLUDE=_width(exclude), **constants,
+            q, keys, queue, exclude, lse, q.shape[0], n_keys, n_queue,
+            q.stride(0), keys.stride(0), queue.stride(0), exclude_stride, **constants,
         )
         ctx.save_for_backward(q, keys, queue, exclude, lse)
-        ctx.constants = constants
+        ctx.sizes, ctx.exclude_stride, ctx.constants = (n_keys, n_queue), exclude_stride, constants
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse):
         q, keys, queue, exclude, lse = ctx.saved_tensors
+        (n_keys, n_queue), exclude_stride, constants = ctx.sizes, ctx.exclude_stride, ctx.constants
         grad_lse = grad_lse.float().contiguous()  # the mean's backward hands over a stride-0 view
-        constants, n_excl, chunks = ctx.constants, _width(exclude), triton.cdiv(q.shape[1], ctx.constants["BLOCK_D"])
-        keys_or_q = q if keys is None else keys.contiguous()
-        queue_or_q = q if queue is None else queue.contiguous()
-        n_keys = 0 if keys is None else keys.shape[0]
+        chunks = triton.cdiv(q.shape[1], constants["BLOCK_D"])
         grad_q = grad_keys = None
         if ctx.needs_input_grad[0]:
             grad_q = torch.empty_like(q)
             _query_grad_kernel[lambda meta: (triton.cdiv(q.shape[0], meta["BLOCK_M"]), chunks)](
-                q, keys_or_q, queue_or_q, exclude, lse, grad_lse, grad_q, q.shape[0], n_keys,
-                0 if queue is None else queue.shape[0],
-                q.stride(0), keys_or_q.stride(0), queue_or_q.stride(0), _row_stride(exclude), grad_q.stride(0),
-                N_EXCLUDE=n_excl, **constants,
+                q, keys, queue, exclude, lse, grad_lse, grad_q, q.shape[0], n_keys, n_queue,
+                q.stride(0), keys.stride(0), queue.stride(0), exclude_stride, grad_q.stride(0), **constants,
             )
-        if keys is not None and ctx.needs_input_grad[1]:
-            grad_keys = torch.empty_like(keys_or_q)
+        if n_keys and ctx.needs_input_grad[1]:
+            grad_keys = torch.empty_like(keys)
             _key_grad_kernel[lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), chunks)](
-                q, keys_or_q, exclude, lse, grad_lse, grad_keys, q.shape[0], n_keys,
-                q.stride(0), keys_or_q.stride(0), _row_stride(exclude), grad_keys.stride(0),
-                N_EXCLUDE=n_excl, **constants,
+                q, keys, exclude, lse, grad_lse, grad_keys, q.shape[0], n_keys,
+                q.stride(0), keys.stride(0), exclude_stride, grad_keys.stride(0), **constants,
             )
         return grad_q, grad_keys, None, None, None
 
 
-def _width(exclude: torch.Tensor | None) -> int:
-    return 0 if exclude is None else exclude.shape[1]
-
-
-def _row_stride(exclude: torch.Tensor | None) -> int:
-    return 0 if exclude is None else exclude.stride(0)
+def _key_set(keys: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A key set and its size for the kernels; an absent one is a zero-length loop, q standing in for its pointer."""
+    return (q, 0) if keys is None else (keys.contiguous(), keys.shape[0])
