@@ -6,6 +6,7 @@ global batch does not fit, a method ZeRO-3 cannot run) stop it before any proces
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -115,7 +116,7 @@ class ViewPreset(Strict):
 class DataConfig(Strict):
     views: ViewPreset | list[ViewRecipe] = ViewPreset(preset="simclr")
     batch_size: int = Field(256, ge=1)  # per rank
-    num_threads: int = Field(4, ge=1)
+    num_threads: int | None = Field(None, ge=1)  # DALI CPU threads per rank; default: this rank's share of the cores
     shuffle_buffer: int = Field(4096, ge=1)  # samples held by DALI's reader for shuffling
     seed: int = 0
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -138,6 +139,12 @@ class DataConfig(Strict):
 
     def view_recipes(self) -> list[ViewRecipe]:
         return self.views.recipes() if isinstance(self.views, ViewPreset) else list(self.views)
+
+    def threads(self) -> int:
+        if self.num_threads is not None:
+            return self.num_threads
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun, deepspeed
+        return max(1, min(16, (os.cpu_count() or 2) // ranks_here))
 
 
 def format_validation_error(error, prefix: str = "") -> str:

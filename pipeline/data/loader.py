@@ -92,7 +92,7 @@ class ShardLoader:
         )
         common = dict(
             batch_size=b,
-            num_threads=cfg.num_threads,
+            num_threads=cfg.threads(),
             device_id=device_id,
             seed=cfg.seed + 7919 * rank,
             gpu=device_id is not None,
