@@ -73,9 +73,14 @@ def main(argv=None) -> int:
     except (ConfigError, ShardError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from pipeline.checkpoint import CheckpointError
     from pipeline.train import train  # imports DeepSpeed; only once the configuration is known good
 
-    train(cfg)
+    try:
+        train(cfg)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -174,6 +174,12 @@ def knn_monitor(backbone, cfg: Config, rank: int, world_size: int, device, devic
     return knn_accuracy(train_x, train_y, val_x, val_y, ks=(k,))[k]
 
 
+def full_grad_norm(model: torch.nn.Module) -> torch.Tensor | None:
+    """L2 norm of all gradients (before clipping), for the log."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+
 def out_of_time(started: float, limit_minutes: float | None, device: torch.device) -> bool:
     """Rank 0's clock decides for every rank, so all stop at the same step."""
     if limit_minutes is None:
@@ -267,7 +273,7 @@ def train(cfg: Config) -> Path:
             backbone_state(engine, method), cfg.train.keep_checkpoints,
         )
 
-    meter, path, start_step, started = Meter(), resume_from, step, time.perf_counter()
+    meter, path, start_step, started, grad_norm = Meter(), resume_from, step, time.perf_counter(), None
     while step < last_step:
         for batch in meter.timed(loader):  # the rest of one epoch
             views = [v.to(device, non_blocking=True) for v in batch.views]
@@ -276,6 +282,9 @@ def train(cfg: Config) -> Path:
             loss, parts = engine(views)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
+            logging = boundary and (step + 1) % cfg.train.log_every == 0
+            if logging and engine.zero_optimization_stage() == 0:  # ZeRO 1-3 compute the norm themselves
+                grad_norm = full_grad_norm(method)
             if boundary:
                 scheduler.step_update(step + 1)
             engine.step()
@@ -291,7 +300,8 @@ def train(cfg: Config) -> Path:
             if step % cfg.train.log_every == 0 or step == last_step:
                 values = meter.summary(cfg.data.batch_size * world_size, cfg.optim.accumulation_steps)
                 values.update(lr=optimizer.param_groups[0]["lr"], **extra)
-                grad_norm = engine.get_global_grad_norm()
+                if engine.zero_optimization_stage() > 0:
+                    grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     values["grad_norm"] = float(grad_norm)
                 if device.type == "cuda":
