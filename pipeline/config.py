@@ -182,8 +182,40 @@ class ModelConfig(Strict):
     compile: bool = False
 
 
+class SDMPConfig(Strict):
+    """SDMP (data mixing prior) on top of MoCo v3 or SimCLR."""
+
+    weight: float = Field(0.5, ge=0.0)  # total = base + weight * (mixed-vs-clean + mixed-vs-mixed)
+    alpha: float = Field(1.0, gt=0.0)  # lambda ~ Beta(alpha, alpha)
+    mix: Literal["random", "mixup", "cutmix", "resizemix"] = "random"  # one method per batch
+    loss: Literal["soft_ce", "log_mixture"] = "soft_ce"  # the paper's pseudo-code, or the released code's form
+
+
+class OUCLConfig(Strict):
+    """OUCL (MetAug's loss). weighted=False and margins=False reproduce the released code."""
+
+    beta: float = Field(16.0, gt=0.0)
+    gamma: float = Field(0.25, ge=0.0, lt=0.5)
+    weighted: bool = True  # the Gamma weights
+    margins: bool = True
+
+
+class MetAugConfig(Strict):
+    delta: float = Field(1e-5, ge=0.0)  # weight of OUCL with generated features in the encoder step
+    reg_weight: float = Field(1e-5, ge=0.0)  # weight of the margin-injected regulariser in the meta step
+    inner_lr: float = Field(0.01, gt=0.0)  # epsilon of the fast weights
+    scope: Literal["projector", "encoder"] = "projector"  # the weights the fast-weight step runs through
+    generator_hidden: int = Field(2048, ge=1)
+    generator_lr: float = Field(1e-3, gt=0.0)
+
+
+class SDCLRConfig(Strict):
+    prune_ratio: float = Field(0.9, gt=0.0, lt=1.0)
+    refresh_epochs: int = Field(1, ge=1)  # recompute the mask every N epochs
+
+
 class MethodConfig(Strict):
-    name: Literal["simclr", "mocov2", "mocov3"] = "simclr"
+    name: Literal["simclr", "mocov2", "mocov3", "sdmp_mocov3", "sdmp_simclr", "metaug", "sdclr"] = "simclr"
     temperature: float = Field(0.2, gt=0.0)
     queue_size: int = Field(65536, ge=1)  # mocov2
     momentum: float = Field(0.99, ge=0.0, le=1.0)  # base EMA momentum (mocov2: constant; mocov3: cosine to 1)
@@ -191,6 +223,10 @@ class MethodConfig(Strict):
     batch_norm: Literal["shuffle", "sync", "local"] = "shuffle"  # mocov2: how keys avoid BatchNorm leaks
     shuffle_groups: int = Field(1, ge=1)  # mocov2 ShuffleBN emulation: key batch split into groups per rank
     loss_impl: Literal["auto", "reference", "chunked", "triton"] = "auto"
+    sdmp: SDMPConfig = SDMPConfig()  # sdmp_mocov3, sdmp_simclr
+    oucl: OUCLConfig = OUCLConfig()  # metaug
+    metaug: MetAugConfig = MetAugConfig()
+    sdclr: SDCLRConfig = SDCLRConfig()
 
 
 class OptimConfig(Strict):
@@ -241,12 +277,10 @@ class Config(Strict):
     @model_validator(mode="after")
     def _consistent(self):
         method, n_views = self.method, len(self.data.view_recipes())
-        if method.name in ("simclr", "mocov3", "mocov2") and n_views != 2:
+        if n_views != 2:
             raise ValueError(f"method.name={method.name} needs exactly 2 views, data.views gives {n_views}")
-        if method.name == "mocov3" and self.model.predictor is None:
-            raise ValueError("method.name=mocov3 needs model.predictor")
-        if method.name == "mocov2" and method.batch_norm == "shuffle" and self.engine.zero_stage == 3:
-            raise ValueError("method.batch_norm=shuffle is not supported under engine.zero_stage=3; use sync")
+        if method.name in ("mocov3", "sdmp_mocov3") and self.model.predictor is None:
+            raise ValueError(f"method.name={method.name} needs model.predictor")
         if self.model.freeze_patch_embed and "vit" not in self.model.backbone:
             raise ValueError(f"model.freeze_patch_embed needs a ViT backbone, got {self.model.backbone}")
         if self.model.cifar_stem and "resnet" not in self.model.backbone:

@@ -16,7 +16,7 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -73,7 +73,12 @@ def build_optimizer(method: torch.nn.Module, cfg: Config, world_size: int, total
     global_batch = cfg.data.batch_size * world_size * o.accumulation_steps
     lr = o.lr * global_batch / 256 if o.scale_lr else o.lr
     extra = {"betas": o.betas} if o.name == "adamw" else {"momentum": o.momentum}
-    optimizer = create_optimizer_v2(method, opt=o.name, lr=lr, weight_decay=o.weight_decay, **extra)
+    # timm's groups (no weight decay on norms, biases, ViT tokens), less what the method trains itself.
+    own = {id(p) for name in method.self_trained for p in getattr(method, name).parameters()}
+    tokens = {f"backbone.{name}" for name in getattr(method.backbone, "no_weight_decay", set)()}
+    groups = param_groups_weight_decay(method, o.weight_decay, no_weight_decay_list=tokens)
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in own]} for g in groups]
+    optimizer = create_optimizer_v2(groups, opt=o.name, lr=lr, weight_decay=o.weight_decay, **extra)
     warmup = min(int(o.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
     scheduler = CosineLRScheduler(
         optimizer, t_initial=total_steps, lr_min=o.min_lr, warmup_t=warmup, warmup_lr_init=lr * 1e-3,

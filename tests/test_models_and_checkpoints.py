@@ -139,3 +139,17 @@ def test_random_states_round_trip_through_json():
     expected = (random.random(), np.random.rand(), torch.rand(1))
     checkpoint.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_optimizer_groups_skip_norms_biases_tokens_and_self_trained_modules():
+    from pipeline.train import build_optimizer
+
+    cfg = tiny_config("mocov3", "optim.name=adamw", "optim.weight_decay=0.1")
+    method = build_method(cfg)
+    method.self_trained = ("predictor",)
+    optimizer, _ = build_optimizer(method, cfg, world_size=1, total_steps=10, steps_per_epoch=5)
+    names = {id(p): n for n, p in method.named_parameters()}
+    decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert {"backbone.cls_token", "backbone.pos_embed", "backbone.blocks.0.norm1.weight"} <= decay[0.0]
+    assert "backbone.blocks.0.attn.qkv.weight" in decay[0.1]
+    assert not any(n.startswith(("predictor", "momentum_encoder")) for group in decay.values() for n in group)

@@ -17,6 +17,7 @@ class Method(nn.Module):
     log; `after_step(progress)` runs after each optimizer step. No loop, no I/O, no engine calls here."""
 
     zero3: bool = True  # can the method run with parameters partitioned (ZeRO-3)?
+    self_trained: tuple[str, ...] = ()  # submodules the method updates itself (e.g. MetAug's generators)
 
     def __init__(self, cfg: Config):
         super().__init__()
