@@ -1,7 +1,9 @@
 """python launch/evaluate.py --backbone local-dir:FOLDER|CHECKPOINT --train SHARDS --val SHARDS [--knn] [--linear]
 
 Prints JSON: weighted kNN top-1 (k = 20 and 200, temperature 0.1) and linear-probe top-1 of a frozen
-backbone. `accelerate launch launch/evaluate.py ...` spreads feature extraction over the GPUs.
+backbone, each with balanced accuracy (mean per-class recall), per-class accuracy and many/medium/few-shot
+group accuracies (classes grouped by their number of training images; see pipeline.eval.accuracy_report).
+`accelerate launch launch/evaluate.py ...` spreads feature extraction over the GPUs.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from data_shards.shards import ShardError, read_manifest  # noqa: E402
 from pipeline.checkpoint import CheckpointError, export_backbone  # noqa: E402
 from pipeline.config import DataConfig, ViewRecipe  # noqa: E402
 from pipeline.data.loader import ShardLoader  # noqa: E402
-from pipeline.eval import extract_features, knn_accuracy, train_linear_probe  # noqa: E402
+from pipeline.eval import accuracy_report, extract_features, knn_predict, shot_groups, train_linear_probe  # noqa: E402
 
 
 def load_backbone(spec: str) -> torch.nn.Module:
@@ -53,7 +55,11 @@ def main(argv=None) -> int:
     p.add_argument("--linear", action="store_true")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--linear-epochs", type=int, default=30)
+    p.add_argument("--many-shot", type=int, default=100, help="classes with more training images are many-shot (default 100)")
+    p.add_argument("--few-shot", type=int, default=20, help="classes with fewer training images are few-shot (default 20)")
     args = p.parse_args(argv)
+    if not 0 <= args.few_shot <= args.many_shot:
+        p.error(f"need 0 <= --few-shot <= --many-shot, got {args.few_shot} and {args.many_shot}")
     if not (args.knn or args.linear):
         args.knn = args.linear = True
 
@@ -61,9 +67,13 @@ def main(argv=None) -> int:
     device_id = state.local_process_index if state.device.type == "cuda" else None
     try:
         model = load_backbone(args.backbone).to(state.device)
-        for folder in (args.train, args.val):
-            if read_manifest(folder).class_names is None:
+        class_names = [read_manifest(folder).class_names for folder in (args.train, args.val)]
+        for folder, names in zip((args.train, args.val), class_names):
+            if names is None:
                 raise ShardError(f"{folder}: unlabeled shards cannot score a backbone")
+        if class_names[0] != class_names[1]:
+            raise ShardError(f"{args.train} and {args.val} have different classes; their labels cannot be compared")
+        num_classes = len(class_names[0])
         cfg = eval_data_config(model, args.batch_size)
     except (CheckpointError, ShardError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -75,11 +85,22 @@ def main(argv=None) -> int:
         features.append(extract_features(model, loader, state.device, dtype=dtype))
     (train_x, train_y, _), (val_x, val_y, _) = features
     result = {"backbone": args.backbone, "train_images": train_x.shape[0], "val_images": val_x.shape[0]}
+    groups = shot_groups(train_y, num_classes, many=args.many_shot, few=args.few_shot)
+    result["train_class_counts"] = torch.bincount(train_y.cpu(), minlength=num_classes).tolist()
+    result.update({f"{name}_shot_classes": len(classes) for name, classes in groups.items()})
+
+    def report(prefix: str, top1_key: str, predictions: torch.Tensor) -> None:
+        r = accuracy_report(predictions, val_y, train_y, num_classes, many=args.many_shot, few=args.few_shot)
+        result[top1_key] = r["top1"]
+        result.update({f"{prefix}_{key}": r[key] for key in ("balanced", "per_class", "many", "medium", "few")})
+
     if args.knn:
         ks = [k for k in (20, 200) if k <= train_x.shape[0]]
-        result.update({f"knn_top1_k{k}": acc for k, acc in knn_accuracy(train_x, train_y, val_x, val_y, ks=ks).items()})
+        for k, predictions in knn_predict(train_x, train_y, val_x, ks=ks, num_classes=num_classes).items():
+            report(f"knn_k{k}", f"knn_top1_k{k}", predictions)
     if args.linear:
-        result["linear_top1"] = train_linear_probe(train_x, train_y, val_x, val_y, epochs=args.linear_epochs).accuracy
+        probe = train_linear_probe(train_x, train_y, val_x, val_y, num_classes=num_classes, epochs=args.linear_epochs)
+        report("linear", "linear_top1", probe.predictions)
     if state.is_main_process:
         print(json.dumps(result, indent=1))
     return 0

@@ -4,9 +4,16 @@ from pipeline.config import Config
 from pipeline.methods.base import Method
 from pipeline.methods.mocov2 import MoCoV2
 from pipeline.methods.mocov3 import MoCoV3
+from pipeline.methods.sdmp import SDMPMoCoV3, SDMPSimCLR
 from pipeline.methods.simclr import SimCLR
 
-METHODS: dict[str, type[Method]] = {"simclr": SimCLR, "mocov2": MoCoV2, "mocov3": MoCoV3}
+METHODS: dict[str, type[Method]] = {
+    "simclr": SimCLR,
+    "mocov2": MoCoV2,
+    "mocov3": MoCoV3,
+    "sdmp_mocov3": SDMPMoCoV3,
+    "sdmp_simclr": SDMPSimCLR,
+}
 
 
 def build_method(cfg: Config) -> Method:

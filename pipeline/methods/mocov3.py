@@ -27,12 +27,16 @@ class MoCoV3(Method):
         loss = info_nce(q, gather(k), self.temperature, targets=targets, impl=self.cfg.method.loss_impl)
         return 2 * self.temperature * loss
 
+    def query(self, x):
+        return self.predictor(self.projector(self.backbone(x)))
+
+    @torch.no_grad()
+    def key(self, x):
+        return self.momentum_encoder(x)
+
     def forward(self, views):
         x1, x2 = self.prepare_views(views)
-        q1 = self.predictor(self.projector(self.backbone(x1)))
-        q2 = self.predictor(self.projector(self.backbone(x2)))
-        with torch.no_grad():
-            k1, k2 = self.momentum_encoder(x1), self.momentum_encoder(x2)
+        q1, q2, k1, k2 = self.query(x1), self.query(x2), self.key(x1), self.key(x2)
         loss_12, loss_21 = self.contrast(q1, k2), self.contrast(q2, k1)
         loss = loss_12 + loss_21
         return loss, {"loss/q1k2": loss_12.detach(), "loss/q2k1": loss_21.detach()}
