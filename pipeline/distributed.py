@@ -43,10 +43,9 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad):
         # Every rank's loss depends on this rank's rows: their gradients add up (a sum, not a mean;
         # the engine's averaging over ranks then gives the gradient of the global mean loss).
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = rank() * ctx.rows
-        return grad[start : start + ctx.rows]
+        own = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+        dist.reduce_scatter_tensor(own, grad.contiguous(), op=dist.ReduceOp.SUM)
+        return own
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

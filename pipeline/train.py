@@ -280,6 +280,11 @@ def train(cfg: Config) -> Path:
 
     meter, path, start_step, started, grad_norm = Meter(), resume_from, step, time.perf_counter(), None
     while step < last_step:
+        if loader.step in (0, loader.steps_per_epoch):  # a fresh epoch, not one resumed in the middle
+            epoch = loader.epoch + (loader.step > 0)
+            epoch_values = engine.module.start_epoch(epoch)
+            if epoch_values:
+                log.scalars(step, epoch_values)
         for batch in meter.timed(loader):  # the rest of one epoch
             views = [v.to(device, non_blocking=True) for v in batch.views]
             if meter.first:

@@ -91,6 +91,6 @@ def tiny_config(method: str = "simclr", *extra: str):
         "method.batch_norm=local",
         "engine.precision=fp32",
     ]
-    if method == "mocov3":
+    if "mocov3" in method:
         overrides.append("model.predictor={hidden_dim: 32, out_dim: 16, layers: 1}")
     return load_config(None, overrides + list(extra))

@@ -4,8 +4,8 @@ This floor imports nothing from pipeline.methods or pipeline.train. Triton is im
 path runs, so the package works where triton is absent.
 """
 
-from .distributed import gather_with_grad, gathered_info_nce
+from .distributed import gathered_info_nce
 from .infonce import info_nce
 from .oucl import oucl_log_sum_exps, oucl_loss
 
-__all__ = ["info_nce", "gathered_info_nce", "gather_with_grad", "oucl_log_sum_exps", "oucl_loss"]
+__all__ = ["info_nce", "gathered_info_nce", "oucl_log_sum_exps", "oucl_loss"]

@@ -4,6 +4,7 @@ from pipeline.config import Config
 from pipeline.methods.base import Method
 from pipeline.methods.mocov2 import MoCoV2
 from pipeline.methods.mocov3 import MoCoV3
+from pipeline.methods.sdclr import SDCLR
 from pipeline.methods.sdmp import SDMPMoCoV3, SDMPSimCLR
 from pipeline.methods.simclr import SimCLR
 
@@ -13,6 +14,7 @@ METHODS: dict[str, type[Method]] = {
     "mocov3": MoCoV3,
     "sdmp_mocov3": SDMPMoCoV3,
     "sdmp_simclr": SDMPSimCLR,
+    "sdclr": SDCLR,
 }
 
 

@@ -45,7 +45,12 @@ class Method(nn.Module):
         """Backbone then projector, as one module (a view: not registered a second time)."""
         return nn.Sequential(self.backbone, self.projector)
 
+    def start_epoch(self, epoch: int) -> dict[str, float]:
+        """Before the first step of each epoch (not when resuming mid-epoch); returns scalars to log."""
+        return {}
+
     def after_step(self, progress: float) -> dict[str, float]:
+        """After each optimizer step; `progress` runs from 0 to 1 over training. Returns scalars to log."""
         return {}
 
 

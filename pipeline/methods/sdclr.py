@@ -1,0 +1,32 @@
+"""SDCLR (self-damaging contrastive learning): NT-Xent between the dense encoder on one view and a pruned
+copy of it on the other. The pruned branch shares the weights through a global magnitude mask (recomputed
+every `refresh_epochs` epochs) and has its own BatchNorm layers; both branches train the shared weights.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from models.pruning import PrunedBranch
+from pipeline.methods.simclr import SimCLR
+
+
+class SDCLR(SimCLR):
+    zero3 = False  # masks need whole weights on every rank
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.pruned_backbone = PrunedBranch(self.backbone, cfg.method.sdclr.prune_ratio)
+        self.pruned_projector = PrunedBranch(self.projector, 0.0)  # unpruned, but its own BatchNorm
+
+    def forward(self, views):
+        x1, x2 = self.prepare_views(views)
+        dense = self.embed(x1)
+        pruned = F.normalize(self.pruned_projector(self.pruned_backbone(x2)).float(), dim=1)
+        loss = self.nt_xent(dense, pruned)
+        return loss, {"loss/nt_xent": loss.detach()}
+
+    def start_epoch(self, epoch: int) -> dict[str, float]:
+        if epoch % self.cfg.method.sdclr.refresh_epochs:
+            return {}
+        return {"sdclr/mask_threshold": float(self.pruned_backbone.refresh())}
