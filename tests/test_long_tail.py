@@ -4,7 +4,6 @@ subset on disk, the balanced held-out split, and per-class / balanced / many-med
 import importlib.util
 import json
 import math
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 
 from conftest import ROOT, encode, image_folder, make_shards, random_images, tiny_config
 from data_shards import create
+from test_create import shard_samples
 from data_shards.create import long_tail_counts
 from data_shards.shards import read_manifest
 from pipeline.eval import accuracy_report, balanced_accuracy, shot_groups
@@ -23,12 +23,7 @@ PROFILE_40 = [40, 22, 12, 7, 4]
 
 def samples(folder: Path) -> list[tuple[int, str]]:
     """(label, source name) of every sample of a shard set, in key order."""
-    rows = {}
-    for shard in read_manifest(folder).shards:
-        with tarfile.open(folder / shard.tar) as tar:
-            for m in tar:
-                key, _, ext = m.name.partition(".")
-                rows.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    rows = shard_samples(folder)
     return [(int(r["cls"]), json.loads(r["json"])["source"]) for _, r in sorted(rows.items())]
 
 
