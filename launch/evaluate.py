@@ -11,39 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import timm  # noqa: E402
 import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 
-import models  # noqa: E402,F401  (registers the CIFAR-stem ResNet with timm)
 from data_shards.shards import ShardError, read_manifest  # noqa: E402
-from pipeline.checkpoint import CheckpointError, export_backbone  # noqa: E402
-from pipeline.config import DataConfig, ViewRecipe  # noqa: E402
+from pipeline.checkpoint import CheckpointError  # noqa: E402
+from pipeline.frozen import eval_data_config, load_backbone  # noqa: E402
 from pipeline.data.loader import ShardLoader  # noqa: E402
 from pipeline.eval import accuracy_report, extract_features, knn_predict, shot_groups, train_linear_probe  # noqa: E402
-
-
-def load_backbone(spec: str) -> torch.nn.Module:
-    """`local-dir:FOLDER` (an export) or a checkpoint folder (exported on the fly)."""
-    if spec.startswith("local-dir:"):
-        return timm.create_model(spec, pretrained=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        export_backbone(Path(spec), Path(tmp))
-        return timm.create_model(f"local-dir:{tmp}", pretrained=True)
-
-
-def eval_data_config(model: torch.nn.Module, batch_size: int) -> DataConfig:
-    """Resize and crop as the backbone's own config says (input size, crop_pct, normalisation)."""
-    data = timm.data.resolve_data_config({}, model=model)
-    size = data["input_size"][-1]
-    recipe = ViewRecipe(size=size, mean=tuple(data["mean"]), std=tuple(data["std"]))
-    return DataConfig(views=[recipe], batch_size=batch_size, eval_size=size, eval_resize=round(size / data["crop_pct"]))
 
 
 def main(argv=None) -> int:

@@ -87,12 +87,14 @@ def deepspeed_cmd(*args: str, port: int | None = None) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(port or free_port()), *args]
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize(
+    "stage, precision", [(1, "bf16"), (2, "bf16"), (3, "bf16"), (2, "fp16")], ids=["zero1", "zero2", "zero3", "zero2-fp16"]
+)
 @pytest.mark.parametrize("backbone, method", [("test_vit", "mocov3"), ("test_resnet", "simclr")])
-def test_zero_stages_on_two_ranks_in_bf16(small_shards, tmp_path, stage, backbone, method):
+def test_zero_stages_on_two_ranks_in_mixed_precision(small_shards, tmp_path, stage, precision, backbone, method):
     out = tmp_path / "run"
     run(deepspeed_cmd("--num_gpus", "2", *tiny_run(small_shards, out, f"model.backbone={backbone}", f"method.name={method}",
-                                                   f"engine.zero_stage={stage}", "engine.precision=bf16", "--max-steps", "3")))
+                                                   f"engine.zero_stage={stage}", f"engine.precision={precision}", "--max-steps", "3")))
     ckpt = complete_checkpoints(out / "checkpoints")[-1]
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["step"] == 3

@@ -1,0 +1,14 @@
+"""python launch/finetune.py --backbone local-dir:FOLDER|CHECKPOINT --train SHARDS --val SHARDS --labels-per-class N
+
+FeatMatch semi-supervised fine-tuning of a pretrained backbone; see pipeline/finetune.py.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pipeline.finetune import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""The FeatMatch fine-tuning loop behind `python launch/finetune.py --backbone local-dir:FOLDER|CHECKPOINT --train SHARDS --val SHARDS --labels-per-class N
+
+FeatMatch semi-supervised fine-tuning of a pretrained backbone (Kuo et al., ECCV 2020; formulas in
+shared/docs/METHODS.md): N labels per class, the rest of the training shards unlabeled.
+
+- Labels. An evaluation pass over the training shards gives every sample's label by global index; N per
+  class are kept, chosen by a seeded permutation of the global indices (`--seed`), independent of the
+  loader's order. Training hides every other label (-1), so unlabeled images are used as such.
+- Data. One DALI `ShardLoader` over the training shards with two views per image: weak (random resized
+  crop at scale 0.5-1 + flip, no colour change) and strong (crop at scale 0.2-1 + flip + colour jitter
+  0.4/0.4/0.4/0.1 with p 0.8 + grayscale 0.2, blur at 64 px and above: a SimCLR/MoCo v2-style recipe,
+  since the DALI pipeline here has no RandAugment/Cutout, which FixMatch and FeatMatch use). Labeled rows
+  of a batch are found by their global index. Views are sized and normalised as the backbone's config says.
+- Model. backbone -> features f; AugF (models.prototypes.PrototypeAttention, `--heads`, φᵣ zero-initialised
+  so AugF starts as relu(f)) -> g; one linear classifier on both. With `--warm-start` the classifier
+  starts as a linear probe on the labeled images' features (off by default: with few labels the folded
+  probe can have large weights that the first steps in train-mode BatchNorm undo violently).
+- Prototypes. A feature memory of the training set (weak-view features recorded during training, by global
+  index; labeled rows carry their label, unlabeled rows their pseudo-label when its confidence reaches
+  `--prototype-threshold`) gives `--prototypes-per-class` k-means prototypes per class at the start of
+  every epoch. Before the first epoch the memory comes from the evaluation pass above. `--memory-refresh
+  pass` instead refills it with an evaluation pass over the training set after every epoch (one more
+  forward epoch; its features use BatchNorm's running statistics, which only fit the training-mode
+  features AugF sees once those statistics have settled: a pretrained backbone, not a random one).
+- Losses (pipeline.losses.featmatch): L = L_clf + λ_g·L_con-g + λ_f·L_con-f with FixMatch-style hard
+  pseudo-labels from the weak view through AugF, kept where the confidence reaches `--threshold`.
+- Evaluation. Top-1 on --val after every epoch (a JSON line on stderr) with AugF ("val_top1", the paper's
+  prediction) and without it ("val_top1_plain": backbone + classifier alone); the final JSON on stdout.
+  `--output DIR` writes the fine-tuned classifier as a timm folder (config.json + model.safetensors, the
+  classifier as the model's own head: `timm.create_model("local-dir:DIR", pretrained=True)` predicts
+  classes), plus augf.safetensors (AugF weights and the last prototypes) and result.json.
+
+One process, on a GPU when there is one (bf16 autocast), else the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from data_shards.shards import ShardError, read_manifest
+from models.export import timm_config
+from models.prototypes import FeatureMemory, PrototypeAttention
+from pipeline.checkpoint import CheckpointError, read_meta
+from pipeline.config import Blur, ColorJitter, Config, DataConfig, ViewRecipe
+from pipeline.data.loader import ShardLoader
+from pipeline.frozen import eval_data_config, load_backbone
+from pipeline.eval import balanced_accuracy, top1_accuracy, train_linear_probe
+from pipeline.losses.featmatch import featmatch_loss
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="launch/finetune.py", description="FeatMatch semi-supervised fine-tuning")
+    p.add_argument("--backbone", required=True, help="local-dir:FOLDER (an export) or a checkpoint folder")
+    p.add_argument("--train", required=True, help="labeled training shards (N labels per class are kept)")
+    p.add_argument("--val", required=True, help="labeled shards to score")
+    p.add_argument("--labels-per-class", type=int, required=True, metavar="N")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=256, help="images per step (each gives a weak and a strong view)")
+    p.add_argument("--lr", type=float, default=0.03, help="SGD (Nesterov, momentum 0.9) with cosine decay to 0")
+    p.add_argument("--backbone-lr-scale", type=float, default=1.0, help="backbone lr = lr x this")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="on weights, not on biases and norms")
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
+    p.add_argument("--threshold", type=float, default=0.95, help="pseudo-label confidence for the consistency losses")
+    p.add_argument("--lambda-g", type=float, default=1.0, help="weight of L_con-g (strong view through AugF)")
+    p.add_argument("--lambda-f", type=float, default=1.0, help="weight of L_con-f (strong view without AugF)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads of AugF")
+    p.add_argument("--prototypes-per-class", type=int, default=20)
+    p.add_argument("--prototype-threshold", type=float, default=None,
+                   help="pseudo-label confidence for an unlabeled feature to join its class's k-means (default: --threshold)")
+    p.add_argument("--kmeans-iters", type=int, default=20)
+    p.add_argument("--memory-refresh", choices=("train", "pass"), default="train",
+                   help="train: weak-view features recorded during the epoch; pass: an evaluation pass after it")
+    p.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=False,
+                   help="start the classifier as a linear probe on the labeled features (default off)")
+    p.add_argument("--seed", type=int, default=0, help="labeled subset, initialisation, augmentation, k-means")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--output", type=Path, default=None, help="write the fine-tuned classifier here")
+    args = p.parse_args(argv)
+    if args.labels_per_class < 1 or args.epochs < 1 or args.batch_size < 2 or args.heads < 1:
+        p.error("--labels-per-class, --epochs and --heads must be positive, --batch-size at least 2")
+    if args.prototypes_per_class < 1 or args.kmeans_iters < 0:
+        p.error("--prototypes-per-class must be positive and --kmeans-iters >= 0")
+    if not 0 <= args.threshold <= 1 or not 0 <= (args.prototype_threshold or 0) <= 1:
+        p.error("thresholds are probabilities in [0, 1]")
+    if args.prototype_threshold is None:
+        args.prototype_threshold = args.threshold
+    return args
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+
+def backbone_config(spec: str) -> dict:
+    """The timm config.json of the backbone `spec` names (written again by --output)."""
+    if spec.startswith("local-dir:"):
+        return json.loads((Path(spec[len("local-dir:"):]) / "config.json").read_text())
+    meta = read_meta(Path(spec))
+    return timm_config(Config.model_validate(meta["config"]), meta["num_features"])
+
+
+def view_recipes(size: int, mean, std) -> list[ViewRecipe]:
+    """[weak, strong] at the backbone's input size and normalisation (see the module docstring)."""
+    weak = ViewRecipe(size=size, scale=(0.5, 1.0), color_jitter=None, grayscale=0.0, mean=mean, std=std)
+    strong = ViewRecipe(
+        size=size,
+        scale=(0.2, 1.0),
+        color_jitter=ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, probability=0.8),
+        grayscale=0.2,
+        blur=Blur(probability=0.5) if size >= 64 else None,
+        mean=mean,
+        std=std,
+    )
+    return [weak, strong]
+
+
+def choose_labeled(labels: torch.Tensor, per_class: int, num_classes: int, seed: int) -> torch.Tensor:
+    """bool [N]: the first `per_class` samples of each class in a seeded permutation of the global indices
+    (`labels[i]` is sample i's class). A class with fewer samples keeps them all."""
+    order = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(seed))
+    ranked = labels[order]
+    chosen = torch.zeros(labels.shape[0], dtype=torch.bool)
+    for c in range(num_classes):
+        chosen[order[ranked == c][:per_class]] = True
+    return chosen
+
+
+class FeatMatchNet(nn.Module):
+    """backbone -> f; AugF(f, prototypes) -> g; one linear classifier on f and on g."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, heads: int):
+        super().__init__()
+        dim = backbone.num_features
+        self.backbone = backbone
+        self.augf = PrototypeAttention(dim, heads=heads, zero_init=True)
+        self.classifier = nn.Linear(dim, num_classes)
+        self.register_buffer("prototypes", torch.zeros(0, dim))
+        self.register_buffer("prototype_labels", torch.zeros(0, dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor):
+        """(features f, logits of f, logits of AugF(f)); before any prototype exists, logits of f twice."""
+        f = self.backbone(x)
+        logits_f = self.classifier(f)
+        if self.prototypes.shape[0] == 0:
+            return f, logits_f, logits_f
+        return f, logits_f, self.classifier(self.augf(f, self.prototypes))
+
+
+def collect(model: FeatMatchNet, loader: ShardLoader, device, autocast: dict) -> dict[str, torch.Tensor]:
+    """One evaluation epoch in eval mode: raw features and both logits of every sample, by global index."""
+    was_training = model.training
+    model.eval()
+    out: dict[str, list] = {"features": [], "logits_f": [], "logits_g": [], "labels": [], "indices": [], "valid": []}
+    with torch.no_grad(), torch.autocast(**autocast):
+        for batch in loader:
+            f, logits_f, logits_g = model(batch.views[0].to(device, non_blocking=True))
+            for key, value in (("features", f), ("logits_f", logits_f), ("logits_g", logits_g)):
+                out[key].append(value.float())
+            out["labels"].append(batch.labels)
+            out["indices"].append(batch.indices)
+            out["valid"].append(batch.valid)
+    model.train(was_training)
+    keep = torch.cat(out.pop("valid")).to(device)
+    result = {k: torch.cat(v).to(device)[keep] for k, v in out.items()}
+    order = result["indices"].argsort()
+    return {k: v[order] for k, v in result.items()}
+
+
+def warm_start(model: FeatMatchNet, features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int) -> None:
+    """Classifier := a linear probe on relu(features) of the labeled images (what AugF gives at start), its
+    feature standardisation folded into the weights."""
+    inputs = torch.relu(features)
+    probe = train_linear_probe(inputs, labels, inputs, labels, num_classes=num_classes, seed=seed)
+    norm, linear = probe.head[0], probe.head[1]
+    scale = (norm.running_var + norm.eps).rsqrt()
+    with torch.no_grad():
+        model.classifier.weight.copy_(linear.weight * scale)
+        model.classifier.bias.copy_(linear.bias - (linear.weight * scale) @ norm.running_mean)
+
+
+def memory_labels(true_labels: torch.Tensor, pseudo: torch.Tensor, confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Labeled rows keep their label; unlabeled rows take their pseudo-label when confident, else -1."""
+    return torch.where(true_labels >= 0, true_labels, torch.where(confidence >= threshold, pseudo, -1))
+
+
+def optimizer_groups(model: FeatMatchNet, lr: float, backbone_scale: float, weight_decay: float) -> list[dict]:
+    """SGD groups: the backbone at lr x backbone_scale; weight decay on weights, not on biases and norms."""
+    groups = []
+    for part, scale in ((model.backbone, backbone_scale), (model.augf, 1.0), (model.classifier, 1.0)):
+        named = [(n, p) for n, p in part.named_parameters() if p.requires_grad]
+        decay = [p for n, p in named if p.ndim > 1 and not n.endswith("bias")]
+        rest = [p for n, p in named if not (p.ndim > 1 and not n.endswith("bias"))]
+        groups += [{"params": decay, "lr": lr * scale, "weight_decay": weight_decay},
+                   {"params": rest, "lr": lr * scale, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def save_output(out: Path, model: FeatMatchNet, config: dict, num_classes: int, result: dict, class_names: list[str]) -> None:
+    """A timm folder whose model is the fine-tuned backbone with the classifier as its own head."""
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = model.backbone
+    backbone.reset_classifier(num_classes)
+    with torch.no_grad():
+        backbone.get_classifier().weight.copy_(model.classifier.weight)
+        backbone.get_classifier().bias.copy_(model.classifier.bias)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    backbone.reset_classifier(0)
+    save_file(state, str(out / "model.safetensors"))
+    config = json.loads(json.dumps(config))
+    config["num_classes"] = num_classes
+    config.setdefault("model_args", {})["num_classes"] = num_classes
+    config.setdefault("pretrained_cfg", {})["num_classes"] = num_classes
+    config["label_names"] = class_names
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    augf = {f"augf.{k}": v for k, v in model.augf.state_dict().items()}
+    augf |= {"prototypes": model.prototypes, "prototype_labels": model.prototype_labels}
+    save_file({k: v.detach().cpu().contiguous() for k, v in augf.items()}, str(out / "augf.safetensors"))
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+def finetune(args: argparse.Namespace) -> dict:
+    start_time = time.time()
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device_id = (device.index or 0) if device.type == "cuda" else None
+    autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
+
+    class_names = [read_manifest(folder).class_names for folder in (args.train, args.val)]
+    for folder, names in zip((args.train, args.val), class_names):
+        if names is None:
+            raise ShardError(f"{folder}: unlabeled shards: labels per class cannot be chosen or scored")
+    if class_names[0] != class_names[1]:
+        raise ShardError(f"{args.train} and {args.val} have different classes")
+    num_classes = len(class_names[0])
+    config = backbone_config(args.backbone)
+    backbone = load_backbone(args.backbone)
+    model = FeatMatchNet(backbone, num_classes, args.heads).to(device)
+
+    eval_cfg = eval_data_config(backbone, args.batch_size)
+    first = eval_cfg.view_recipes()[0]
+    train_cfg = DataConfig(views=view_recipes(first.size, first.mean, first.std), batch_size=args.batch_size,
+                           eval_size=eval_cfg.eval_size, eval_resize=eval_cfg.eval_resize, seed=args.seed)
+    train_loader = ShardLoader(args.train, train_cfg, train=True, batch_size=args.batch_size, device_id=device_id)
+    memory_loader = ShardLoader(args.train, eval_cfg, train=False, batch_size=args.batch_size, device_id=device_id)
+    val_loader = ShardLoader(args.val, eval_cfg, train=False, batch_size=args.batch_size, device_id=device_id)
+    n_train = train_loader.manifest.num_samples
+
+    # Every sample's label by global index, from one pass that also fills the memory.
+    first_pass = collect(model, memory_loader, device, autocast)
+    if first_pass["indices"].shape[0] != n_train or not torch.equal(first_pass["indices"].cpu(), torch.arange(n_train)):
+        raise ShardError(f"{args.train}: sample indices are not 0..{n_train - 1}")
+    all_labels = first_pass["labels"].cpu()
+    is_labeled = choose_labeled(all_labels, args.labels_per_class, num_classes, args.seed)
+    per_class = torch.bincount(all_labels[is_labeled], minlength=num_classes)
+    if (per_class < args.labels_per_class).any():
+        short = [class_names[0][c] for c in (per_class < args.labels_per_class).nonzero().flatten().tolist()]
+        print(f"warning: fewer than {args.labels_per_class} images in class(es) {short[:5]}: all of them are labeled", file=sys.stderr)
+    known = torch.where(is_labeled, all_labels, -1).to(device)  # what training may see: -1 = unlabeled
+
+    if args.warm_start:
+        warm_start(model, first_pass["features"][is_labeled.to(device)], all_labels[is_labeled].to(device), num_classes, args.seed)
+    memory = FeatureMemory(n_train, backbone.num_features, device=device)
+    with torch.no_grad():  # AugF starts as relu(f): the pseudo-labels of the warm-started classifier
+        confidence, pseudo = model.classifier(torch.relu(first_pass["features"])).softmax(1).max(1)
+    if not args.warm_start:  # an untrained classifier's pseudo-labels mean nothing
+        confidence = torch.zeros_like(confidence)
+    memory.update(first_pass["indices"], first_pass["features"], memory_labels(known, pseudo, confidence, args.prototype_threshold), confidence)
+
+    def refresh_prototypes(epoch: int) -> None:
+        protos, owners = memory.class_prototypes(num_classes, args.prototypes_per_class, iters=args.kmeans_iters,
+                                                 seed=args.seed + 1000 * epoch)
+        model.prototypes, model.prototype_labels = protos.to(device), owners.to(device)
+
+    def evaluate() -> dict:
+        out = collect(model, val_loader, device, autocast)
+        labels = out["labels"]
+        with_augf, plain = out["logits_g"].argmax(1), out["logits_f"].argmax(1)
+        return {"val_top1": top1_accuracy(with_augf, labels), "val_top1_plain": top1_accuracy(plain, labels),
+                "val_balanced": balanced_accuracy(with_augf, labels, num_classes)}
+
+    refresh_prototypes(0)
+    initial = evaluate()
+    opt = torch.optim.SGD(optimizer_groups(model, args.lr, args.backbone_lr_scale, args.weight_decay),
+                          lr=args.lr, momentum=0.9, nesterov=True)
+    total_steps = args.epochs * len(train_loader)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+
+    history = []
+    model.train()
+    for epoch in range(args.epochs):
+        epoch_start = time.time()
+        sums = torch.zeros(5, device=device)  # total, clf, con_g, con_f, confident rows
+        unlabeled_rows = torch.zeros((), device=device)
+        for batch in train_loader:
+            weak, strong = (v.to(device, non_blocking=True) for v in batch.views)
+            indices = batch.indices.to(device, non_blocking=True)
+            labels = known[indices]
+            with torch.autocast(**autocast):
+                f, logits_f, logits_g = model(torch.cat([weak, strong]))
+            b = weak.shape[0]
+            loss = featmatch_loss(logits_g[:b], logits_g[b:], logits_f[b:], labels, threshold=args.threshold,
+                                  lambda_g=args.lambda_g, lambda_f=args.lambda_f)
+            opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            schedule.step()
+            if args.memory_refresh == "train":
+                memory.update(indices, f[:b].float(),
+                              memory_labels(labels, loss.pseudo_labels, loss.confidence, args.prototype_threshold),
+                              torch.where(labels >= 0, 1.0, loss.confidence))
+            sums += torch.stack([loss.total.detach(), loss.clf.detach(), loss.con_g.detach(), loss.con_f.detach(), loss.mask.sum()])
+            unlabeled_rows += (labels < 0).sum()
+
+        if args.memory_refresh == "pass":
+            out = collect(model, memory_loader, device, autocast)
+            confidence, pseudo = out["logits_g"].softmax(1).max(1)
+            memory.update(out["indices"], out["features"], memory_labels(known[out["indices"]], pseudo, confidence, args.prototype_threshold), confidence)
+        refresh_prototypes(epoch + 1)
+        # Monitoring only (training never reads these labels): how right the memory's pseudo-labels are.
+        pseudo_rows = (known < 0) & (memory.labels >= 0)
+        all_on_device = all_labels.to(device)
+        steps = max(1, len(train_loader))
+        total, clf, con_g, con_f, confident = (sums / torch.tensor([steps] * 4 + [1], device=device)).tolist()
+        record = {
+            "epoch": epoch + 1,
+            "loss": total, "clf": clf, "con_g": con_g, "con_f": con_f,
+            "mask_rate": confident / max(1.0, unlabeled_rows.item()),
+            "pseudo_coverage": pseudo_rows.sum().item() / max(1, int((known < 0).sum())),
+            "pseudo_accuracy": (memory.labels[pseudo_rows] == all_on_device[pseudo_rows]).double().mean().item() if pseudo_rows.any() else None,
+            "prototypes": int(model.prototypes.shape[0]),
+            **evaluate(),
+            "seconds": round(time.time() - epoch_start, 2),
+        }
+        history.append(record)
+        print(json.dumps(record), file=sys.stderr, flush=True)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss {total}): lower --lr or set --grad-clip")
+
+    last = history[-1]
+    result = {
+        "backbone": args.backbone,
+        "train_images": n_train,
+        "labeled_images": int(is_labeled.sum()),
+        "labels_per_class": args.labels_per_class,
+        "val_images": val_loader.manifest.num_samples,
+        "initial_val_top1": initial["val_top1"],
+        "initial_val_top1_plain": initial["val_top1_plain"],
+        "val_top1": last["val_top1"],
+        "val_top1_plain": last["val_top1_plain"],
+        "val_balanced": last["val_balanced"],
+        "epochs": history,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "seconds": round(time.time() - start_time, 2),
+    }
+    if args.output is not None:
+        save_output(args.output, model, config, num_classes, result, class_names[0])
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("error: launch/finetune.py runs as one process (WORLD_SIZE > 1 given)", file=sys.stderr)
+        return 2
+    try:
+        result = finetune(args)
+    except (CheckpointError, ShardError, OSError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
