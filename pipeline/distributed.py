@@ -36,21 +36,61 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        ctx.rows = x.shape[0]
         return gather(x)
 
     @staticmethod
     def backward(ctx, grad):
-        # Every rank's loss depends on this rank's rows: their gradients add up (a sum, not a mean;
-        # the engine's averaging over ranks then gives the gradient of the global mean loss).
-        own = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-        dist.reduce_scatter_tensor(own, grad.contiguous(), op=dist.ReduceOp.SUM)
+        # Every rank's loss depends on this rank's rows: their gradients add up (a sum, not a mean; the
+        # engine's averaging over ranks then gives the gradient of the global mean loss). The adjoint is
+        # itself an autograd function, so gradients of gradients (MetAug's meta step) cross ranks too.
+        return _ReduceScatter.apply(grad)
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        own = torch.empty((x.shape[0] // world_size(), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.reduce_scatter_tensor(own, x.contiguous(), op=dist.ReduceOp.SUM)
         return own
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _GatherWithGrad.apply(grad)
+
+
+class _AllReduceMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = x.clone()
+        dist.all_reduce(out)
+        return out.div_(world_size())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceMean.apply(grad)  # the mean's adjoint is the mean
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather whose backward returns to each rank the summed gradient of its own rows."""
+    """All-gather in rank order whose backward (of any order) returns to each rank the summed gradient
+    of its own rows."""
     return _GatherWithGrad.apply(x) if is_distributed() else x
+
+
+def all_reduce_mean_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, differentiable (to any order)."""
+    return _AllReduceMean.apply(x) if is_distributed() else x
+
+
+@torch.no_grad()
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average tensors over ranks in place, in one flat collective."""
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
 
 
 @torch.no_grad()

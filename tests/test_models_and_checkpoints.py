@@ -76,7 +76,7 @@ def test_cosine_momentum_schedule():
     assert cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("name", ["simclr", "mocov2", "mocov3", "sdmp_mocov3", "sdmp_simclr", "sdclr"])
+@pytest.mark.parametrize("name", ["simclr", "mocov2", "mocov3", "sdmp_mocov3", "sdmp_simclr", "sdclr", "metaug"])
 def test_each_method_trains_one_step(name):
     torch.manual_seed(0)
     method = build_method(tiny_config(name, "method.shuffle_groups=2", "method.batch_norm=shuffle"))

@@ -2,6 +2,7 @@
 
 from pipeline.config import Config
 from pipeline.methods.base import Method
+from pipeline.methods.metaug import MetAug
 from pipeline.methods.mocov2 import MoCoV2
 from pipeline.methods.mocov3 import MoCoV3
 from pipeline.methods.sdclr import SDCLR
@@ -15,6 +16,7 @@ METHODS: dict[str, type[Method]] = {
     "sdmp_mocov3": SDMPMoCoV3,
     "sdmp_simclr": SDMPSimCLR,
     "sdclr": SDCLR,
+    "metaug": MetAug,
 }
 
 

@@ -1,0 +1,269 @@
+"""MetAug (Contrastive Learning via Meta Feature Augmentation, ICML 2022) with the OUCL loss.
+
+Two views x1, x2 give L2-normalised projector features z1, z2 ([B, D] each, fp32); one generator per
+view gives augmented features g_v = normalize(G_v(z_v)). With OUCL(sets) the loss over feature sets of the
+same local images (`contrast`: every row an anchor against the gathered keys of every set, the positives
+the same image in the other sets, everything else a negative, the anchor itself masked):
+
+    L(θ, φ) = OUCL([z1, z2]) + δ · OUCL([z1, z2, g1, g2])                  θ: encoder, φ: generators
+
+Each `forward(views)`, in this order:
+  (a) meta step, generators only. θ' = θ − ε·∇θ L(θ, φ) over the weights in `scope` (projector, or
+      backbone + projector), with the graph kept (create_graph), averaged over ranks with a collective
+      that is itself differentiable; then the meta objective at θ'
+          M(φ) = L(θ'(φ), φ) + reg_weight · R(z(θ'), g(θ', φ))
+      and dM/dφ by torch.autograd.grad: the direct path through g, plus the second-order path through
+      θ'(φ) = θ − ε·∇θ L(θ, φ) (∂²L/∂θ∂φ, present because L's δ term depends on φ). The gradients are
+      averaged over ranks and applied by the method's own Adam; encoder weights and their `.grad` are not
+      touched, and no generator `.grad` is left behind.
+  (b) the encoder loss returned for the engine: L(θ, φ_new) with the just-updated generators applied with
+      detached weights, so `engine.backward` reaches the encoder (also through g → z) and never the
+      generators. OUCL([z1, z2]) is the same tensor in (a) and (b): one backbone pass per step for
+      scope=projector, two (θ and θ') for scope=encoder.
+
+R, the margin-injected regulariser (METHODS.md), per original anchor a (rows of z1, z2) with
+s = (cos+1)/2 against the original keys: m⁺ = min(min s⁺, max s⁻), m⁻ = max(min s⁺, max s⁻), and against
+the generated keys ŝ⁺ (every generated feature of a's image) and ŝ⁻ (those of other images):
+R = mean([ŝ⁺ − m⁺]₊) + mean([m⁻ − ŝ⁻]₊). m± stay differentiable (functions of θ'), as in the released code.
+
+What is differentiated twice (the inner loss, so also OUCL([z1, z2]) shared with (b)) runs on the chunked
+PyTorch loss (or the dense reference), never on the Triton kernels, whose backward autograd cannot see
+into; the rest follows method.loss_impl. With OUCL's Γ weights the loss module treats Γ as a constant in
+the backward (circle-loss convention), so ∇θ L is that surrogate gradient, and its derivative in the meta
+step holds Γ⁺ constant too; with Γ = 1 (the released switches) every derivative is exact. With gradient
+accumulation the meta step runs on every micro-batch.
+
+The generators' parameters have requires_grad=False: they are the method's own (`self_trained`), outside
+the engine's optimizer, gradient all-reduce and the universal checkpoint's trained set; the meta step
+differentiates with respect to detached leaf copies that share their storage. They are in the module's
+state (checkpointed with it); their Adam moments are not (no hook for a method's own optimizer state),
+so a resumed run restarts them.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from models.generators import feature_generators
+from pipeline.distributed import all_reduce_mean_, all_reduce_mean_with_grad, gather_with_grad, is_distributed, rank
+from pipeline.losses import oucl_loss
+from pipeline.methods.base import Method
+
+Params = dict[str, torch.Tensor]
+
+
+def call_with(module: nn.Module, params: Params, *args, update_buffers: bool = False):
+    """module(*args) with `params` in place of its parameters. Unless `update_buffers`, on copies of its
+    buffers: BatchNorm's running statistics are updated once per step, not again by each recomputation."""
+    buffers = {} if update_buffers else {name: b.clone() for name, b in module.named_buffers()}
+    return functional_call(module, {**buffers, **params}, args)
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalised rows in fp32 at least (autocast's bf16/fp16 outputs are promoted; fp64 stays)."""
+    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=1)
+
+
+class MetAug(Method):
+    zero3 = False  # the encoder scope needs whole weights for θ − ε·∇θ L; ZeRO 0-2 only
+    self_trained = ("generators",)
+
+    def __init__(self, cfg, generators: nn.ModuleList | None = None):
+        """generators: one module per view mapping [B, D] to [B, D] (default: the released MLPs)."""
+        super().__init__(cfg)
+        m, o = cfg.method.metaug, cfg.method.oucl
+        dim = cfg.model.projector.out_dim
+        self.generators = generators if generators is not None else feature_generators(2, dim, m.generator_hidden)
+        self.generators.requires_grad_(False)
+        self.generator_optimizer = torch.optim.Adam(self.generators.parameters(), lr=m.generator_lr)
+        self.delta, self.reg_weight, self.inner_lr, self.scope = m.delta, m.reg_weight, m.inner_lr, m.scope
+        self.oucl = dict(beta=o.beta, gamma=o.gamma, weighting=o.weighted, margins=o.margins)
+        self.impl = cfg.method.loss_impl
+        # The paths differentiated twice need a loss whose backward is itself differentiable: the chunked
+        # PyTorch path or the dense reference, never the Triton kernels (their backward is opaque to autograd).
+        self.impl_twice = "reference" if self.impl == "reference" else "chunked"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg.model.compile:
+            raise ValueError("method.name=metaug cannot run with model.compile=true: its meta step differentiates "
+                             "twice (autograd.grad with create_graph), which compiled graphs do not support")
+        if cfg.method.batch_norm == "sync":
+            raise ValueError("method.name=metaug cannot run with method.batch_norm=sync: SyncBatchNorm's backward "
+                             "cannot be differentiated again (the meta step needs it); use local or shuffle")
+        if cfg.engine.precision == "fp16":
+            raise ValueError("method.name=metaug cannot run with engine.precision=fp16: the meta step's gradients "
+                             "are not loss-scaled and its delta-sized second-order terms underflow in fp16; use bf16")
+        if cfg.method.metaug.scope == "encoder" and cfg.model.grad_checkpointing:
+            raise ValueError("method.metaug.scope=encoder cannot run with model.grad_checkpointing=true: the "
+                             "recomputed backbone is not differentiable twice; use scope=projector or turn "
+                             "checkpointing off")
+
+    # --- features ---------------------------------------------------------------------------------------
+
+    def encode(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(x, h, [z1, z2]): both views in one batch (BatchNorm statistics over both), backbone output h,
+        L2-normalised projector features. Under scope=encoder attention runs on the math kernel, the only
+        one whose backward is differentiable again."""
+        x = torch.cat(self.prepare_views(views))
+        with sdpa_kernel(SDPBackend.MATH) if self.scope == "encoder" else nullcontext():
+            h = self.backbone(x)
+        return x, h, self.project(self.projector(h))
+
+    @staticmethod
+    def project(p: torch.Tensor) -> list[torch.Tensor]:
+        return list(unit(p).chunk(2))
+
+    def generate(self, z: list[torch.Tensor], params: list[Params] | None = None) -> list[torch.Tensor]:
+        """L2-normalised generated features, one generator per view; with `params` (one dict per generator)
+        in place of the generators' weights, otherwise with their current weights detached."""
+        update = params is None  # the step's own pass updates BatchNorm statistics; the meta step's do not
+        if params is None:
+            params = [{n: p.detach() for n, p in g.named_parameters()} for g in self.generators]
+        return [unit(call_with(g, p, zv, update_buffers=update)) for g, p, zv in zip(self.generators, params, z)]
+
+    # --- losses -----------------------------------------------------------------------------------------
+
+    def contrast(self, sets: list[torch.Tensor], impl: str | None = None) -> torch.Tensor:
+        """OUCL over S feature sets [B, D] of the same local images: S·B anchors against the S·N gathered
+        keys (set-major); an anchor's positives are its image in the other S−1 sets; its own key is masked.
+        With S = 2 and the released switches this is NT-Xent at temperature 2/β."""
+        count, rows = len(sets), sets[0].shape[0]
+        keys = gather_with_grad(torch.stack(sets, 1))  # [N, S, D]: one collective for every set
+        n = keys.shape[0]
+        keys = keys.transpose(0, 1).reshape(count * n, -1)
+        own = rank() * rows + torch.arange(rows, device=keys.device)
+        slots = torch.arange(count, device=keys.device)
+        selves = (slots[:, None] * n + own).reshape(-1)  # [S·B]
+        j = torch.arange(count - 1, device=keys.device)
+        others = j[None, :] + (j[None, :] >= slots[:, None]).long()  # [S, S-1]: row a lists the sets b != a
+        positives = (others[:, None, :] * n + own[None, :, None]).reshape(count * rows, count - 1)
+        return oucl_loss(torch.cat(sets), keys, positives, mask_self=selves, impl=impl or self.impl, **self.oucl)
+
+    def encoder_loss(self, z, generated, l_orig=None, impl=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L, OUCL of originals, OUCL of originals and generated) with L = the first + δ · the second."""
+        impl = impl or self.impl
+        l_orig = self.contrast(z, impl) if l_orig is None else l_orig
+        l_aug = self.contrast(z + generated, impl)
+        return l_orig + self.delta * l_aug, l_orig, l_aug
+
+    def margin_regulariser(self, originals: list[torch.Tensor], generated: list[torch.Tensor]) -> torch.Tensor:
+        """R of METHODS.md for the local original anchors against the gathered original and generated keys
+        (dense [S·B, S·N] similarities)."""
+        count, rows = len(originals), originals[0].shape[0]
+        keys = gather_with_grad(torch.stack(originals + generated, 1))  # [N, 2S, D]
+        n = keys.shape[0]
+        keys = keys.transpose(0, 1).reshape(2 * count * n, -1)
+        anchors = torch.cat(originals)
+        s = (anchors @ keys[: count * n].T + 1) * 0.5  # against original keys
+        s_gen = (anchors @ keys[count * n :].T + 1) * 0.5  # against generated keys
+        own = rank() * rows + torch.arange(rows, device=anchors.device)
+        row_image = own.repeat(count)  # [S·B]
+        col_image = torch.arange(n, device=anchors.device).repeat(count)  # [S·N]
+        same = row_image[:, None] == col_image[None, :]
+        selves = torch.arange(count * rows, device=anchors.device)
+        selves = (selves // rows) * n + own.repeat(count)
+        positive = same.clone()
+        positive[torch.arange(count * rows, device=anchors.device), selves] = False
+        hardest_pos = s.masked_fill(~positive, float("inf")).amin(1, keepdim=True)
+        hardest_neg = s.masked_fill(same, float("-inf")).amax(1, keepdim=True)
+        m_pos, m_neg = torch.minimum(hardest_pos, hardest_neg), torch.maximum(hardest_pos, hardest_neg)
+        easy_pos = torch.where(same, (s_gen - m_pos).clamp_min(0), 0.0).sum() / same.sum()
+        easy_neg = torch.where(same, 0.0, (m_neg - s_gen).clamp_min(0)).sum() / (~same).sum()
+        return easy_pos + easy_neg
+
+    # --- the meta step (a) --------------------------------------------------------------------------------
+
+    def scope_modules(self) -> dict[str, nn.Module]:
+        if self.scope == "encoder":
+            return {"backbone": self.backbone, "projector": self.projector}
+        return {"projector": self.projector}
+
+    def fast_weights(self, inner_loss: torch.Tensor) -> dict[str, Params]:
+        """θ' = θ − ε·∇θ L per scope module, as a differentiable function of everything L depends on. The
+        gradient is that of the global mean loss (averaged over ranks), as the engine's step would use."""
+        named = [(m, n, p) for m, mod in self.scope_modules().items()
+                 for n, p in mod.named_parameters() if p.requires_grad]
+        params = [p for _, _, p in named]
+        with torch.autocast(inner_loss.device.type, enabled=False):
+            grads = torch.autograd.grad(inner_loss, params, create_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if is_distributed():
+            flat = all_reduce_mean_with_grad(torch.cat([g.reshape(-1) for g in grads]))
+            grads = [part.view_as(p) for part, p in zip(flat.split([p.numel() for p in params]), params)]
+        fast: dict[str, Params] = {m: {} for m in self.scope_modules()}
+        for (m, n, p), g in zip(named, grads):
+            fast[m][n] = p - self.inner_lr * g
+        return fast
+
+    def meta_objective_at(self, fast: dict[str, Params], x, h, gen_params: list[Params]):
+        """M = L(θ', φ) + reg_weight · R at the fast weights; (M, its parts, features z', generated g')."""
+        if "backbone" in fast:
+            h = call_with(self.backbone, fast["backbone"], x)
+        z = self.project(call_with(self.projector, fast["projector"], h))
+        g = self.generate(z, gen_params)
+        loss, l_orig, l_aug = self.encoder_loss(z, g)
+        reg = self.margin_regulariser(z, g)
+        objective = loss + self.reg_weight * reg
+        parts = {"meta/objective": objective, "meta/oucl_fast": l_orig, "meta/oucl_generated_fast": l_aug,
+                 "meta/reg": reg}
+        return objective, parts, z, g
+
+    def meta_objective(self, x, h, z, l_orig, gen_params: list[Params]):
+        """M(φ) from the encoder's features at θ (x, h, z = `encode(...)`, l_orig = `contrast(z)` computed
+        with a twice-differentiable impl): the inner loss with generators `gen_params`, the fast weights, M."""
+        inner, _, _ = self.encoder_loss(z, self.generate(z, gen_params), l_orig, impl=self.impl_twice)
+        fast = self.fast_weights(inner)
+        objective, parts, _, _ = self.meta_objective_at(fast, x, h, gen_params)
+        return objective, parts
+
+    def generator_leaves(self) -> list[Params]:
+        """Leaf tensors sharing the generators' storage, for differentiating with respect to them."""
+        return [{n: p.detach().requires_grad_() for n, p in g.named_parameters()} for g in self.generators]
+
+    def meta_gradients(self, x, h, z, l_orig) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """dM/dφ for every generator parameter (in `self.generators.parameters()` order), averaged over
+        ranks, and the meta step's parts; nothing is updated."""
+        leaves = self.generator_leaves()
+        objective, parts = self.meta_objective(x, h, z, l_orig, leaves)
+        flat = [t for d in leaves for t in d.values()]
+        with torch.autocast(objective.device.type, enabled=False):
+            grads = torch.autograd.grad(objective, flat, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(flat, grads)]
+        all_reduce_mean_(grads)  # the same update on every rank: the generators stay identical
+        return grads, parts
+
+    def meta_step(self, x, h, z, l_orig) -> dict[str, torch.Tensor]:
+        """(a): one Adam step of the generators on dM/dφ. Returns the detached parts to log."""
+        grads, parts = self.meta_gradients(x, h, z, l_orig)
+        params = list(self.generators.parameters())
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.grad = g.to(p.dtype)
+            self.generator_optimizer.step()
+            for p in params:
+                p.grad = None  # nothing for the engine to see
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+        parts["meta/generator_grad_norm"] = torch.linalg.vector_norm(norms)
+        return {k: v.detach() for k, v in parts.items()}
+
+    # --- one step ---------------------------------------------------------------------------------------
+
+    def forward(self, views):
+        x, h, z = self.encode(views)
+        l_orig = self.contrast(z, self.impl_twice)  # shared by (a) and (b)
+        parts = self.meta_step(x, h, z, l_orig)  # (a) generators only
+        generated = self.generate(z)  # (b) the updated generators, weights detached: gradient reaches z only
+        loss, l_orig, l_aug = self.encoder_loss(z, generated, l_orig)
+        with torch.no_grad():
+            distance = torch.stack([1 - (g * zv).sum(1).mean() for g, zv in zip(generated, z)]).mean()
+        parts.update({"loss/oucl": l_orig.detach(), "loss/oucl_generated": l_aug.detach(),
+                      "meta/generated_cos_distance": distance})
+        return loss, parts
