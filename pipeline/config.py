@@ -214,6 +214,25 @@ class SDCLRConfig(Strict):
     refresh_epochs: int = Field(1, ge=1)  # recompute the mask every N epochs
 
 
+class FeatureAugConfig(Strict):
+    """Feature-space augmentation (FeatMatch's AugF in contrastive pretraining): prototype attention over
+    k-means prototypes of a memory of recent gathered keys gives each key an augmented twin, a second
+    positive of weight `weight` for InfoNCE (simclr, mocov2, mocov3 and the methods built on them)."""
+
+    prototypes: int = Field(64, ge=1)  # k of the k-means
+    heads: int = Field(4, ge=1)  # attention heads of the prototype attention
+    memory: int = Field(4096, ge=1)  # rows of the feature memory (a FIFO ring of gathered keys)
+    weight: float = Field(0.5, ge=0.0, le=1.0)  # target share of the augmented positive (the key keeps 1 - weight)
+    refresh_epochs: int = Field(1, ge=1)  # recompute the prototypes every N epochs (in start_epoch)
+    kmeans_iters: int = Field(20, ge=0)
+
+    @model_validator(mode="after")
+    def _memory_holds_prototypes(self):
+        if self.memory < self.prototypes:
+            raise ValueError(f"memory={self.memory} must be >= prototypes={self.prototypes} (k-means needs a row per prototype)")
+        return self
+
+
 class MethodConfig(Strict):
     name: Literal["simclr", "mocov2", "mocov3", "sdmp_mocov3", "sdmp_simclr", "metaug", "sdclr"] = "simclr"
     temperature: float = Field(0.2, gt=0.0)
@@ -227,6 +246,7 @@ class MethodConfig(Strict):
     oucl: OUCLConfig = OUCLConfig()  # metaug
     metaug: MetAugConfig = MetAugConfig()
     sdclr: SDCLRConfig = SDCLRConfig()
+    feature_aug: FeatureAugConfig | None = None  # simclr, mocov2, mocov3, sdmp_*, sdclr: prototype attention positives
 
 
 class OptimConfig(Strict):
@@ -296,6 +316,12 @@ class Config(Strict):
             raise ValueError(
                 f"method.queue_size={self.method.queue_size} cannot hold one global batch of {global_batch} "
                 f"keys (data.batch_size={self.data.batch_size} x {world_size} ranks)"
+            )
+        aug = self.method.feature_aug
+        if aug is not None and aug.memory < 2 * global_batch:
+            raise ValueError(
+                f"method.feature_aug.memory={aug.memory} cannot hold one step's keys: at least 2 x the global batch "
+                f"of {global_batch} (data.batch_size={self.data.batch_size} x {world_size} ranks)"
             )
 
 

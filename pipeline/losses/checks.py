@@ -62,17 +62,21 @@ def index_per_row(name: str, index, rows: int, device: torch.device) -> torch.Te
     return (index[:, None] if index.ndim == 1 else index).long()
 
 
-def self_index(mask_self, rows: int, keys: int, device: torch.device) -> torch.Tensor | None:
-    """mask_self as an index [B] of the key each row leaves out of its denominator, or None."""
+def self_index(mask_self, rows: int, keys: int, device: torch.device, many: bool = False) -> torch.Tensor | None:
+    """mask_self as an index [B] of the key each row leaves out of its denominator, or None. many=True:
+    also accept [B, M] (M keys left out per row), and return [B, M] in every case."""
     if mask_self is False:
         return None
     if mask_self is True:
         if rows > keys:
             raise ValueError(f"mask_self=True masks key i for row i, which needs N >= B (B={rows}, N={keys}); pass an index per row")
-        return torch.arange(rows, device=device)
-    if isinstance(mask_self, torch.Tensor) and mask_self.ndim == 1:
-        return index_per_row("mask_self", mask_self, rows, device)[:, 0]
-    raise TypeError("mask_self must be a bool or an integer tensor [B] (the key each row masks)")
+        own = torch.arange(rows, device=device)
+        return own[:, None] if many else own
+    if isinstance(mask_self, torch.Tensor) and (mask_self.ndim == 1 or (many and mask_self.ndim == 2)):
+        own = index_per_row("mask_self", mask_self, rows, device)
+        return own if many else own[:, 0]
+    shapes = "[B] or [B, M]" if many else "[B]"
+    raise TypeError(f"mask_self must be a bool or an integer tensor {shapes} (the keys each row masks)")
 
 
 def value_checks_enabled(*tensors: torch.Tensor | None) -> bool:

@@ -36,7 +36,8 @@ def info_nce(
     with target_weights [B, P] (non-negative, summing to 1 per row; uniform when omitted).
     in_batch_negatives=False: row i's denominator holds only its own positive keys and the queue (MoCo v2).
     mask_self: True removes key i from row i's denominator (NT-Xent, q and k the same set); an index per
-    row [B] removes that key instead (a row's own key at an offset among gathered keys).
+    row [B] removes that key instead (a row's own key at an offset among gathered keys); [B, M] removes M
+    keys per row (e.g. a row's own key and its feature-space augmentation).
     reduction: "mean", "sum", or "none" (per-row losses [B]). The loss is fp32 (fp64 for fp64 inputs).
     impl: "auto" (Triton on CUDA, chunked PyTorch otherwise), "reference", "chunked" or "triton".
     Value checks (non-finite inputs, index ranges, weight sums) run on CPU inputs and, on the GPU, under
@@ -50,7 +51,7 @@ def info_nce(
     checks.check_choice("reduction", reduction, REDUCTIONS)
     impl = checks.resolve_impl(impl, q)
     index, weights = _positives(q, k, targets, target_weights)
-    own = checks.self_index(mask_self, q.shape[0], k.shape[0], q.device)
+    own = checks.self_index(mask_self, q.shape[0], k.shape[0], q.device, many=True)  # [B, M]
     if own is not None and not in_batch_negatives:
         raise ValueError("mask_self takes a key out of the in-batch negatives; with in_batch_negatives=False there are none")
     if own is not None and k.shape[0] == 1 and queue is None:
@@ -100,7 +101,7 @@ def _check_values(q, k, queue, index, target_weights, own) -> None:
         tolerance = max(1e-5, 4 * torch.finfo(target_weights.dtype).eps * weights.shape[1])
         if (weights < 0).any() or ((weights.sum(1) - 1).abs() > tolerance).any():
             raise ValueError("target_weights must be non-negative and sum to 1 in every row")
-    if own is not None and (index == own[:, None]).any():
+    if own is not None and (index[:, :, None] == own[:, None, :]).any():
         raise ValueError("mask_self removes a row's own positive key from its denominator")
 
 
@@ -113,7 +114,7 @@ def reference_rows(q, k, scale, index, weights, queue, in_batch_negatives, own) 
     if not in_batch_negatives:
         allowed = torch.zeros_like(allowed).scatter_(1, index, True)
     if own is not None:
-        allowed[torch.arange(q.shape[0]), own] = False
+        allowed.scatter_(1, own, False)
     columns = [logits.masked_fill(~allowed, float("-inf"))]
     if queue is not None:
         columns.append(q @ queue.detach().to(work).T * scale)
@@ -125,7 +126,7 @@ def _fused_rows(q, k, scale, index, weights, queue, in_batch_negatives, own, imp
     logits = ScaledLogits(scale)
     positive = pair_dots(q, k, index) * scale
     if in_batch_negatives:
-        lse = row_log_sum_exp(q, k, queue, None if own is None else own[:, None], logits, impl)
+        lse = row_log_sum_exp(q, k, queue, own, logits, impl)
     else:
         # The denominator's in-batch part is the set of the row's positive keys: a few columns, in closed form.
         lse = torch.logsumexp(positive.masked_fill(repeated(index), float("-inf")), 1)

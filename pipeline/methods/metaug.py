@@ -73,6 +73,7 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 class MetAug(Method):
     zero3 = False  # the encoder scope needs whole weights for θ − ε·∇θ L; ZeRO 0-2 only
     self_trained = ("generators",)
+    feature_aug_support = False  # OUCL, not InfoNCE: method.feature_aug is refused
 
     def __init__(self, cfg, generators: nn.ModuleList | None = None):
         """generators: one module per view mapping [B, D] to [B, D] (default: the released MLPs)."""

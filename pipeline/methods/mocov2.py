@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from models.momentum import MomentumEncoder
 from pipeline.distributed import FeatureQueue, gather, shuffle_across_ranks, shuffled_order, unshuffle_across_ranks, world_size
-from pipeline.losses import info_nce
 from pipeline.methods.base import Method
 
 
@@ -41,8 +40,11 @@ class MoCoV2(Method):
                 k = in_groups(self.momentum_encoder, x_k, groups)
             k = F.normalize(k.float(), dim=1)
         # The queue is pushed to below, so the loss gets a copy: autograd keeps it for the backward pass.
-        loss = info_nce(q, k, self.temperature, queue=self.queue.keys.clone(), in_batch_negatives=False, impl=self.cfg.method.loss_impl)
-        self.queue.push(gather(k))
+        # With method.feature_aug, k's augmented twin is a second positive of q (the queue is not augmented).
+        keys = gather(k)
+        loss = self.contrast_keys(q, k, self.temperature, queue=self.queue.keys.clone(), in_batch_negatives=False,
+                                  impl=self.cfg.method.loss_impl, push=keys)
+        self.queue.push(keys)
         return loss, {"loss/info_nce": loss.detach()}
 
     def after_step(self, progress):

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from models.heads import mlp_head
 from models.momentum import MomentumEncoder
 from pipeline.distributed import gather, rank
-from pipeline.losses import info_nce
 from pipeline.methods.base import Method, cosine_momentum
 
 
@@ -24,7 +23,7 @@ class MoCoV3(Method):
         """2τ · InfoNCE of local queries against the gathered keys; positives at this rank's offset."""
         q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
         targets = rank() * q.shape[0] + torch.arange(q.shape[0], device=q.device)
-        loss = info_nce(q, gather(k), self.temperature, targets=targets, impl=self.cfg.method.loss_impl)
+        loss = self.contrast_keys(q, gather(k), self.temperature, targets=targets, impl=self.cfg.method.loss_impl)
         return 2 * self.temperature * loss
 
     def query(self, x):

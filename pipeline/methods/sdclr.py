@@ -27,6 +27,7 @@ class SDCLR(SimCLR):
         return loss, {"loss/nt_xent": loss.detach()}
 
     def start_epoch(self, epoch: int) -> dict[str, float]:
+        values = super().start_epoch(epoch)
         if epoch % self.cfg.method.sdclr.refresh_epochs:
-            return {}
-        return {"sdclr/mask_threshold": float(self.pruned_backbone.refresh())}
+            return values
+        return {**values, "sdclr/mask_threshold": float(self.pruned_backbone.refresh())}

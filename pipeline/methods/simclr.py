@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.distributed import gather_with_grad, rank
-from pipeline.losses import info_nce
 from pipeline.methods.base import Method
 
 
@@ -27,5 +26,5 @@ class SimCLR(Method):
         own = offset + torch.arange(rows, device=z1.device)
         positives = torch.cat([own + n, own])  # a view-1 anchor's positive is its view-2 key and back
         selves = torch.cat([own, own + n])
-        return info_nce(torch.cat([z1, z2]), keys, self.temperature, targets=positives, mask_self=selves,
-                        impl=self.cfg.method.loss_impl)
+        return self.contrast_keys(torch.cat([z1, z2]), keys, self.temperature, targets=positives, mask_self=selves,
+                                  impl=self.cfg.method.loss_impl)
