@@ -200,3 +200,14 @@ def check_shard_set(folder: str | os.PathLike) -> Manifest:
                 if offset + size > shard.bytes:
                     raise ShardError(f"{idx}: {entry.key}.{ext} lies past the end of {shard.tar}")
     return manifest
+
+
+def shared_class_names(train: str | os.PathLike, val: str | os.PathLike) -> list[str]:
+    """The class names of two labeled shard sets whose labels mean the same classes (train/val pairs)."""
+    names = [read_manifest(folder).class_names for folder in (train, val)]
+    for folder, found in zip((train, val), names):
+        if found is None:
+            raise ShardError(f"{folder}: unlabeled shards, where labeled ones are needed")
+    if names[0] != names[1]:
+        raise ShardError(f"{train} and {val} have different classes; their labels cannot be compared")
+    return names[0]

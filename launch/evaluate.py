@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 
-from data_shards.shards import ShardError, read_manifest  # noqa: E402
+from data_shards.shards import ShardError, shared_class_names  # noqa: E402
 from pipeline.checkpoint import CheckpointError  # noqa: E402
 from pipeline.frozen import eval_data_config, load_backbone  # noqa: E402
 from pipeline.data.loader import ShardLoader  # noqa: E402
@@ -47,13 +47,7 @@ def main(argv=None) -> int:
     device_id = state.local_process_index if state.device.type == "cuda" else None
     try:
         model = load_backbone(args.backbone).to(state.device)
-        class_names = [read_manifest(folder).class_names for folder in (args.train, args.val)]
-        for folder, names in zip((args.train, args.val), class_names):
-            if names is None:
-                raise ShardError(f"{folder}: unlabeled shards cannot score a backbone")
-        if class_names[0] != class_names[1]:
-            raise ShardError(f"{args.train} and {args.val} have different classes; their labels cannot be compared")
-        num_classes = len(class_names[0])
+        num_classes = len(shared_class_names(args.train, args.val))
         cfg = eval_data_config(model, args.batch_size)
     except (CheckpointError, ShardError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

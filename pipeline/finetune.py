@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from data_shards.shards import ShardError, read_manifest
+from data_shards.shards import ShardError, shared_class_names
 from models.export import timm_config
 from models.prototypes import FeatureMemory, PrototypeAttention
 from pipeline.checkpoint import CheckpointError, read_meta
@@ -237,13 +237,8 @@ def finetune(args: argparse.Namespace) -> dict:
     device_id = (device.index or 0) if device.type == "cuda" else None
     autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": device.type == "cuda"}
 
-    class_names = [read_manifest(folder).class_names for folder in (args.train, args.val)]
-    for folder, names in zip((args.train, args.val), class_names):
-        if names is None:
-            raise ShardError(f"{folder}: unlabeled shards: labels per class cannot be chosen or scored")
-    if class_names[0] != class_names[1]:
-        raise ShardError(f"{args.train} and {args.val} have different classes")
-    num_classes = len(class_names[0])
+    class_names = shared_class_names(args.train, args.val)
+    num_classes = len(class_names)
     config = backbone_config(args.backbone)
     backbone = load_backbone(args.backbone)
     model = FeatMatchNet(backbone, num_classes, args.heads).to(device)
@@ -265,7 +260,7 @@ def finetune(args: argparse.Namespace) -> dict:
     is_labeled = choose_labeled(all_labels, args.labels_per_class, num_classes, args.seed)
     per_class = torch.bincount(all_labels[is_labeled], minlength=num_classes)
     if (per_class < args.labels_per_class).any():
-        short = [class_names[0][c] for c in (per_class < args.labels_per_class).nonzero().flatten().tolist()]
+        short = [class_names[c] for c in (per_class < args.labels_per_class).nonzero().flatten().tolist()]
         print(f"warning: fewer than {args.labels_per_class} images in class(es) {short[:5]}: all of them are labeled", file=sys.stderr)
     known = torch.where(is_labeled, all_labels, -1).to(device)  # what training may see: -1 = unlabeled
 
@@ -367,7 +362,7 @@ def finetune(args: argparse.Namespace) -> dict:
         "seconds": round(time.time() - start_time, 2),
     }
     if args.output is not None:
-        save_output(args.output, model, config, num_classes, result, class_names[0])
+        save_output(args.output, model, config, num_classes, result, class_names)
     return result
 
 
