@@ -51,9 +51,15 @@ def test_embedded_default_short(tmp_path):
     online.load_state_dict(load_file(ckpt / "backbone.safetensors"))
     x = torch.randn(3, 3, 32, 32)
     assert torch.equal(model(x), online.eval()(x))
-    report = json.loads(run([sys.executable, str(ROOT / "launch" / "evaluate.py"), "--backbone", str(ckpt),
-                             "--train", "data/sample/train", "--val", "data/sample/val", "--knn"], cwd=tmp_path).stdout)
+    evaluate = [str(ROOT / "launch" / "evaluate.py"), "--backbone", str(ckpt), "--train", "data/sample/train",
+                "--val", "data/sample/val", "--knn"]
+    report = json.loads(run([sys.executable, *evaluate], cwd=tmp_path).stdout)
     assert report["val_images"] == 359 and 0.1 <= report["knn_top1_k20"] <= 1
+    # Spread over two processes by accelerate: every sample counted once, the same accuracy.
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    spread = json.loads(run([*accelerate, *evaluate], cwd=tmp_path).stdout)
+    assert spread["val_images"] == 359 and spread["knn_top1_k20"] == report["knn_top1_k20"]
 
 
 def tiny_run(shards: Path, out: Path, *extra: str) -> list[str]:
