@@ -34,7 +34,7 @@ class CheckpointError(ValueError):
 
 def fingerprint(model: torch.nn.Module, cfg) -> dict:
     """What must match for a checkpoint to load: method, backbone and every parameter's shape."""
-    shapes = {name: list(t.shape) for name, t in model.state_dict().items()}
+    shapes = {name: list(t.shape) for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
     return {"method": cfg.method.name, "backbone": cfg.model.backbone, "cifar_stem": cfg.model.cifar_stem, "shapes": shapes}
 
 

@@ -322,3 +322,20 @@ def test_recipe_validates():
     assert (cfg.model.projector.hidden_dim, cfg.model.projector.out_dim) == (2048, 128)
     assert cfg.method.metaug.delta == 1e-5
     assert all(v.size == 32 for v in cfg.data.view_recipes())
+
+
+def test_generator_adam_state_travels_with_the_state_dict(tmp_path):
+    """The generators' Adam moments are module state, so checkpoints (and torch.load(weights_only=True)) keep them."""
+    torch.manual_seed(0)
+    cfg = tiny_config("simclr", "method.name=metaug")
+    method = MetAug(cfg)
+    method([torch.randn(4, 3, 16, 16) for _ in range(2)])
+    torch.save(method.state_dict(), tmp_path / "state.pt")
+    torch.manual_seed(1)
+    restored = MetAug(cfg)
+    restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    before, after = method.generator_optimizer.state_dict(), restored.generator_optimizer.state_dict()
+    assert before["state"] and before["state"].keys() == after["state"].keys()
+    for key, moments in before["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(value, after["state"][key][name]), name

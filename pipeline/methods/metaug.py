@@ -36,8 +36,7 @@ accumulation the meta step runs on every micro-batch.
 The generators' parameters have requires_grad=False: they are the method's own (`self_trained`), outside
 the engine's optimizer, gradient all-reduce and the universal checkpoint's trained set; the meta step
 differentiates with respect to detached leaf copies that share their storage. They are in the module's
-state (checkpointed with it); their Adam moments are not (no hook for a method's own optimizer state),
-so a resumed run restarts them.
+state (checkpointed with it), and so are their Adam moments, as the module's extra state.
 """
 
 from __future__ import annotations
@@ -89,6 +88,13 @@ class MetAug(Method):
         # The paths differentiated twice need a loss whose backward is itself differentiable: the chunked
         # PyTorch path or the dense reference, never the Triton kernels (their backward is opaque to autograd).
         self.impl_twice = "reference" if self.impl == "reference" else "chunked"
+
+    def get_extra_state(self) -> dict:
+        """The generators' Adam state travels with the module's state dict, hence with every checkpoint."""
+        return self.generator_optimizer.state_dict()
+
+    def set_extra_state(self, state: dict) -> None:
+        self.generator_optimizer.load_state_dict(state)
 
     @classmethod
     def check_config(cls, cfg) -> None:
