@@ -33,9 +33,16 @@ def local(views, rank, world):
     return [v[rank * rows : (rank + 1) * rows] for v in views]
 
 
-def one_step_gradients(name: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+FEATURE_AUG = "method.feature_aug={prototypes: 4, heads: 2, memory: 32}"
+
+
+def one_step_gradients(name: str, rank: int = 0, world: int = 1, *extra: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)  # the same initial weights on every rank
-    method = build_method(tiny_config(name))
+    method = build_method(tiny_config(name, *extra))
+    if method.feature_aug is not None:  # give the attention weights a non-trivial start
+        with torch.no_grad():
+            for p in method.feature_aug.parameters():
+                p.add_(0.1 * torch.randn_like(p))
     loss, _ = method(local(global_views(1), rank, world))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
@@ -46,17 +53,21 @@ def one_step_gradients(name: str, rank: int = 0, world: int = 1) -> dict[str, to
     return grads
 
 
-def _gradients_worker(rank, world, name, out):
-    grads = one_step_gradients(name, rank, world)
+def _gradients_worker(rank, world, name, out, *extra):
+    grads = one_step_gradients(name, rank, world, *extra)
     if rank == 0:
         save_file(grads, out)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("name", ["simclr", "mocov3"])
-def test_gradients_equal_one_process_on_the_whole_batch(tmp_path, name, world):
-    spawn(_gradients_worker, world, name, str(tmp_path / "grads.safetensors"))
-    got, expected = load_file(tmp_path / "grads.safetensors"), one_step_gradients(name)
+@pytest.mark.parametrize(
+    "world, name, extra",
+    [(2, "simclr", ()), (4, "simclr", ()), (2, "mocov3", ()), (4, "mocov3", ()),
+     (2, "simclr", (FEATURE_AUG,)), (2, "mocov3", (FEATURE_AUG,))],
+    ids=["simclr-2", "simclr-4", "mocov3-2", "mocov3-4", "simclr-feature_aug-2", "mocov3-feature_aug-2"],
+)
+def test_gradients_equal_one_process_on_the_whole_batch(tmp_path, world, name, extra):
+    spawn(_gradients_worker, world, name, str(tmp_path / "grads.safetensors"), *extra)
+    got, expected = load_file(tmp_path / "grads.safetensors"), one_step_gradients(name, 0, 1, *extra)
     assert got.keys() == expected.keys() and len(expected) > 10
     for key in expected:
         assert_close_norm(got[key], expected[key], key)
