@@ -161,12 +161,17 @@ def format_validation_error(error, prefix: str = "") -> str:
 
 
 class HeadConfig(Strict):
-    """MLP head: `layers` linear layers, BatchNorm + ReLU between them."""
+    """MLP head of `layers` Linear layers. Each hidden layer is followed by BatchNorm (`hidden_bn`) and ReLU;
+    the last one by `last_bn`: "none", "affine" (SimCLR's and SDCLR's heads: BatchNorm on every layer, the
+    output included) or "no_affine" (MoCo v3: a BatchNorm without scale and shift). A Linear followed by
+    BatchNorm has no bias (the BatchNorm's shift replaces it); `bias` gives the others one."""
 
     hidden_dim: int = Field(2048, ge=1)
     out_dim: int = Field(128, ge=1)
     layers: int = Field(2, ge=1, le=4)
-    last_bn: bool = False  # BatchNorm without affine on the output (MoCo v3)
+    hidden_bn: bool = True  # MoCo v2's head has none
+    last_bn: Literal["none", "affine", "no_affine"] = "none"
+    bias: bool = True  # MoCo v3's heads have no bias anywhere
 
 
 class ModelConfig(Strict):

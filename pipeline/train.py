@@ -80,8 +80,9 @@ def build_optimizer(method: torch.nn.Module, cfg: Config, world_size: int, total
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in own]} for g in groups]
     optimizer = create_optimizer_v2(groups, opt=o.name, lr=lr, weight_decay=o.weight_decay, **extra)
     warmup = min(int(o.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    # warmup_prefix: the cosine starts after the warm-up, so it lasts the remaining steps and ends at min_lr.
     scheduler = CosineLRScheduler(
-        optimizer, t_initial=total_steps, lr_min=o.min_lr, warmup_t=warmup, warmup_lr_init=lr * 1e-3,
+        optimizer, t_initial=total_steps - warmup, lr_min=o.min_lr, warmup_t=warmup, warmup_lr_init=lr * 1e-3,
         warmup_prefix=True, t_in_epochs=False,
     )
     return optimizer, scheduler

@@ -49,12 +49,23 @@ def test_cifar_stem_keeps_32x32_resolution():
     assert model.forward_features(torch.randn(1, 3, 32, 32)).shape[-1] == 4  # 32 / 8 after three stride-2 stages
 
 
+def kinds(head):
+    return [type(m).__name__ for m in head]
+
+
 def test_heads():
-    head = mlp_head(8, HeadConfig(hidden_dim=16, out_dim=4, layers=3, last_bn=True))
-    kinds = [type(m).__name__ for m in head]
-    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
-    assert head[-1].affine is False and head[-2].bias is None
+    head = mlp_head(8, HeadConfig(hidden_dim=16, out_dim=4, layers=3, last_bn="no_affine"))
+    assert kinds(head) == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert head[-1].affine is False and all(m.bias is None for m in head if isinstance(m, torch.nn.Linear))
     assert head(torch.randn(5, 8)).shape == (5, 4)
+    # SimCLR / SDCLR: BatchNorm with scale and shift after every layer, the output included.
+    simclr = mlp_head(8, HeadConfig(hidden_dim=16, out_dim=4, layers=2, last_bn="affine"))
+    assert kinds(simclr) == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"] and simclr[-1].affine
+    # MoCo v2: Linear-ReLU-Linear, both with biases; MoCo v3's ResNet predictor: no bias anywhere.
+    mocov2 = mlp_head(8, HeadConfig(hidden_dim=16, out_dim=4, hidden_bn=False))
+    assert kinds(mocov2) == ["Linear", "ReLU", "Linear"] and mocov2[0].bias is not None and mocov2[2].bias is not None
+    plain = mlp_head(8, HeadConfig(hidden_dim=16, out_dim=4, bias=False))
+    assert kinds(plain) == ["Linear", "BatchNorm1d", "ReLU", "Linear"] and plain[-1].bias is None
 
 
 def test_momentum_update_is_an_fp32_ema():
