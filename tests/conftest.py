@@ -94,3 +94,13 @@ def tiny_config(method: str = "simclr", *extra: str):
     if "mocov3" in method:
         overrides.append("model.predictor={hidden_dim: 32, out_dim: 16, layers: 1}")
     return load_config(None, overrides + list(extra))
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """The embedded default dataset (data_shards.sample): train/ and val/ shard sets."""
+    from data_shards import sample
+
+    out = tmp_path_factory.mktemp("digits")
+    assert sample.build(out) == 0
+    return out
