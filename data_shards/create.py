@@ -1,16 +1,25 @@
 """python -m data_shards.create SRC OUT: validate every image and write WebDataset shards, DALI index
 files and a manifest.
 
-Work happens in OUT/.incomplete; finished shards are moved into place and the manifest is written last,
-so an interrupted or refused run never leaves a manifest that claims shards which are not complete.
+The whole output (OUT, or OUT/train and OUT/val) is built in a staging folder beside it,
+`.OUT.incomplete/new`, and swapped in as one step (an atomic exchange of the two folders where the file
+system has one, else two renames that the next run completes or undoes), so an interrupted, refused or failed
+run leaves the previous set exactly as it was, and a train/val pair always comes from one run: both
+manifests carry its `run_id`, and readers refuse a pair whose ids differ. `.OUT.lock` (fcntl) keeps a
+second create out of the same OUT.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
+import fcntl
+import hashlib
 import json
 import math
 import multiprocessing
+import os
 import random
 import shutil
 import sys
@@ -121,7 +130,7 @@ def _members(image, item: Item, index: int) -> list[tuple[str, bytes]]:
 
 def write_split(items, folder: Path, args, pool, desc: str):
     """Write one shard set into `folder`; returns (shard entries, [(name, reason) skipped], {label: written})."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     writer, skipped, index, per_label = ShardWriter(folder, int(args.shard_size_mb * 2**20)), [], 0, Counter()
     jobs = ((item, args.max_side, args.max_pixels) for item in items)
     results = pool.imap(_prepare, jobs, chunksize=8) if pool else map(_prepare, jobs)
@@ -138,31 +147,166 @@ def write_split(items, folder: Path, args, pool, desc: str):
     return writer.close(), skipped, per_label
 
 
-def _clear_target(folder: Path, overwrite: bool) -> None:
-    old = [folder / MANIFEST, *folder.glob("shard-*.tar"), *folder.glob("shard-*.idx")] if folder.is_dir() else []
-    old = [p for p in old if p.exists()]
-    if old and not overwrite:
-        raise SourceError(f"{folder}: already holds a shard set ({old[0].name}); pass --overwrite to replace it")
-    for p in sorted(old, key=lambda p: p.name != MANIFEST):  # the manifest goes first
-        p.unlink()
+# ------------------------------------------------------------------------ the output folder as a whole
+
+_SET_FILES = (MANIFEST, f".{MANIFEST}.tmp", ".incomplete")  # .incomplete: left by older versions
+
+
+def _is_set_file(p: Path) -> bool:
+    return p.name in _SET_FILES or (p.name.startswith("shard-") and p.suffix in (".tar", ".idx"))
+
+
+def _resolve(out: Path) -> Path:
+    out = Path(os.path.abspath(out))
+    out = out.resolve() if out.is_symlink() else out
+    if not out.name:
+        raise SourceError(f"{out}: cannot be the output folder")
+    return out
+
+
+def lock_path(out: str | os.PathLike) -> Path:
+    """The lock a running create holds on OUT (a file beside OUT, so it survives the swap)."""
+    out = _resolve(Path(out))
+    return out.parent / f".{out.name}.lock"
+
+
+def _staging(out: Path) -> Path:
+    return out.parent / f".{out.name}.incomplete"
+
+
+def _lock(out: Path):
+    path = lock_path(out)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SourceError(f"{out}: another data_shards.create is writing here (it holds {path}); wait for it to finish") from None
+    return handle
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """OUT is absent, an empty folder, or (with --overwrite) a folder holding only a shard set."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SourceError(f"{out}: exists and is not a folder; give a folder (new or empty) for the shard set")
+    ours, foreign = [], []
+    for p in sorted(out.iterdir()):
+        if p.name in ("train", "val") and p.is_dir() and not p.is_symlink():
+            for q in sorted(p.iterdir()):
+                (ours if _is_set_file(q) else foreign).append(q)
+        else:
+            (ours if _is_set_file(p) else foreign).append(p)
+    if foreign:
+        raise SourceError(
+            f"{out}: holds {foreign[0].relative_to(out)}" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+            + ", not part of a shard set; OUT is replaced as a whole, so nothing else may live in it: "
+            "move it or choose another OUT"
+        )
+    if ours and not overwrite:
+        raise SourceError(f"{out}: already holds a shard set ({ours[0].relative_to(out)}); pass --overwrite to replace it")
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two folders atomically (Linux renameat2 RENAME_EXCHANGE); OSError where unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(b))
+
+
+def _swap_in(new: Path, out: Path, staging: Path) -> None:
+    """Put the finished `new` at `out` in one step; the previous set (if any) ends up inside `staging`."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    try:
+        _exchange(new, out)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    old = staging / "old"  # a kill between these renames is undone by _recover on the next run
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+
+
+def _recover(out: Path, staging: Path) -> None:
+    old = staging / "old"
+    if old.is_dir() and not out.exists():
+        os.rename(old, out)
+        print(f"note: {out}: put back the previous shard set, which an interrupted replace left in {old}", file=sys.stderr)
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _needed_mb(items: list[Item]) -> int:
+    total = 0
+    for item in items:
+        try:
+            total += item.size if item.size >= 0 else os.path.getsize(item.path)
+        except OSError:
+            pass
+        total += 4 * 512 + 200  # tar headers, padding and index line of a sample
+    return math.ceil(total / 2**20)
+
+
+def _run_id(recorded: dict, class_names, written: dict) -> str:
+    """The same for the train and val sets of one run; derived from what was written, so the same inputs
+    and seed give the same id (and the same bytes)."""
+    content = {"args": recorded, "class_names": class_names,
+               "splits": {name: [e.sha256 for e in entries] for name, (entries, _, _) in written.items()}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _report(skipped: list[tuple[str, str]]) -> None:
+    if skipped:
+        print(f"{len(skipped)} file(s) skipped, first {min(len(skipped), REPORT_FIRST)}:", file=sys.stderr)
+        for name, why in skipped[:REPORT_FIRST]:
+            print(f"  {name}: {why}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
-    targets = {"train": out / "train", "val": out / "val"} if args.val_fraction else {"all": out}
-    work = out / ".incomplete"
     try:
-        if not args.overwrite:  # refuse before any work; with --overwrite the old set goes at the end
-            for folder in targets.values():
-                _clear_target(folder, overwrite=False)
-        shutil.rmtree(work, ignore_errors=True)  # leftovers of an interrupted run
-        work.mkdir(parents=True)
-        source = open_source(args.src, work / "source")
+        out = _resolve(Path(args.out))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = _lock(out)
+    except (SourceError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _create(args, out)
+    finally:
+        lock.close()
+
+
+def _create(args: argparse.Namespace, out: Path) -> int:
+    staging = _staging(out)
+    new = staging / "new"
+    try:
+        _recover(out, staging)
+        _check_out(out, args.overwrite)  # refuse before any work
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted run
+        new.mkdir(parents=True)
+        source = open_source(args.src, staging / "source")
         if args.long_tail is not None and source.class_names is None:
             raise SourceError(f"{args.src}: --long-tail needs labels (class folders or a path,label list); this source is unlabeled")
-    except SourceError as e:
-        shutil.rmtree(work, ignore_errors=True)
+    except (SourceError, OSError) as e:
+        shutil.rmtree(staging, ignore_errors=True)
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -176,50 +320,67 @@ def main(argv=None) -> int:
         have = Counter(item.label for item in splits[train])
         empty = [name for c, name in enumerate(source.class_names) if not have[c]]
         if empty:  # every class has a place in the profile and must keep at least one image
-            shutil.rmtree(work)
+            shutil.rmtree(staging)
             print(f"error: --long-tail: class(es) {empty[:REPORT_FIRST]} have no training images", file=sys.stderr)
             return 2
         splits[train] = long_tail_items(splits[train], len(source.class_names), args.long_tail)
         recorded["long_tail"] = args.long_tail
 
-    pool = multiprocessing.Pool(args.workers) if args.workers > 1 else None
+    folders = {name: new / name if args.val_fraction else new for name in splits}
     try:
-        written = {name: write_split(split, work / name, args, pool, name) for name, split in splits.items()}
-    finally:
-        if pool:
-            pool.terminate()
-    skipped = [s for _, sk, _ in written.values() for s in sk]
-    if skipped:
-        print(f"{len(skipped)} file(s) skipped, first {min(len(skipped), REPORT_FIRST)}:", file=sys.stderr)
-        for name, why in skipped[:REPORT_FIRST]:
-            print(f"  {name}: {why}", file=sys.stderr)
-    empty = [name for name, (entries, _, _) in written.items() if not entries]
-    if (args.strict and skipped) or empty:
-        shutil.rmtree(work)
-        reason = "--strict and files were skipped" if args.strict and skipped else f"no usable image in split {empty}"
-        print(f"error: {reason}; nothing was written", file=sys.stderr)
+        pool = multiprocessing.Pool(args.workers) if args.workers > 1 else None
+        try:
+            written = {name: write_split(split, folders[name], args, pool, name) for name, split in splits.items()}
+        finally:
+            if pool:
+                pool.terminate()
+        skipped = source.skipped + [s for _, sk, _ in written.values() for s in sk]
+        _report(skipped)
+        empty = [name for name, (entries, _, _) in written.items() if not entries]
+        if (args.strict and skipped) or empty:
+            shutil.rmtree(staging)
+            reason = "--strict and files were skipped" if args.strict and skipped else f"no usable image in split {empty}"
+            print(f"error: {reason}; nothing was written", file=sys.stderr)
+            return 1
+        if args.long_tail is not None:  # what was written: a skipped file is not replaced by another
+            selected = Counter(item.label for item in splits[train])
+            counts = [written[train][2][c] for c in range(len(source.class_names))]
+            recorded["long_tail_counts"] = counts
+            if counts != [selected[c] for c in range(len(source.class_names))]:
+                print(f"warning: skipped files leave the long-tail counts at {counts}", file=sys.stderr)
+        run_id = _run_id(recorded, source.class_names, written)
+        manifests = {}
+        for name, (entries, skipped_here, _) in written.items():
+            manifests[name] = Manifest(
+                format=FORMAT, split=name, num_samples=sum(e.samples for e in entries),
+                class_names=source.class_names, shards=entries,
+                skipped=len(skipped_here) + (len(source.skipped) if name == train else 0), args=recorded, run_id=run_id,
+            )
+            write_manifest(folders[name], manifests[name])
+        shutil.rmtree(staging / "source", ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            free = shutil.disk_usage(out.parent).free // 2**20
+            print(f"error: no space left on {_mount_point(out.parent)} while writing {staging} "
+                  f"(needed ~{_needed_mb(items)} MB, {free} MB free); the staging folder was removed and "
+                  f"{out} is unchanged", file=sys.stderr)
+        else:
+            print(f"error: writing {staging}: {e}; the staging folder was removed and {out} is unchanged", file=sys.stderr)
         return 1
-    if args.long_tail is not None:  # what was written: a skipped file is not replaced by another
-        selected = Counter(item.label for item in splits[train])
-        counts = [written[train][2][c] for c in range(len(source.class_names))]
-        recorded["long_tail_counts"] = counts
-        if counts != [selected[c] for c in range(len(source.class_names))]:
-            print(f"warning: skipped files leave the long-tail counts at {counts}", file=sys.stderr)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing of OUT lives in staging yet
+        raise
 
-    for name, (entries, skipped_here, _) in written.items():
-        folder = targets[name]
-        folder.mkdir(parents=True, exist_ok=True)
-        _clear_target(folder, overwrite=True)
-        for entry in entries:
-            for file in (entry.tar, entry.index):
-                (work / name / file).replace(folder / file)
-        manifest = Manifest(
-            format=FORMAT, split=name, num_samples=sum(e.samples for e in entries),
-            class_names=source.class_names, shards=entries, skipped=len(skipped_here), args=recorded,
-        )
-        write_manifest(folder, manifest)
-        print(f"{folder}: {manifest.num_samples} images in {len(entries)} shard(s), {len(skipped_here)} skipped")
-    shutil.rmtree(work)
+    try:
+        _swap_in(new, out, staging)
+    except OSError as e:
+        print(f"error: cannot move {new} to {out}: {e}", file=sys.stderr)
+        return 1
+    shutil.rmtree(staging, ignore_errors=True)  # the previous set, if any
+    for name, manifest in manifests.items():
+        folder = out / name if args.val_fraction else out
+        print(f"{folder}: {manifest.num_samples} images in {len(manifest.shards)} shard(s), {manifest.skipped} skipped")
     return 0
 
 

@@ -1,7 +1,9 @@
 """Validate one image and bring it into a form every DALI decoder reads: 8-bit RGB or grey JPEG/PNG.
 
 Bytes that already have that form are kept as they are; everything else is decoded once and re-encoded
-(JPEG sources as JPEG, all others losslessly as PNG).
+(JPEG sources as JPEG, all others losslessly as PNG). An image whose EXIF orientation tag turns or mirrors
+it is re-encoded upright (and without the tag): DALI honours the tag, PIL and most other readers do not, so
+only pixels stored the way they are displayed look the same to every reader.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ DEFAULT_MAX_PIXELS = 100_000_000  # 10k x 10k; larger "images" are refused as de
 JPEG_QUALITY = 95
 _KEEP_MODES = {"RGB", "L"}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_ORIENTATION = 0x0112  # EXIF tag; 1 is upright, 2..8 mirror and/or rotate
 
 
 class ImageError(ValueError):
@@ -35,6 +38,14 @@ class PreparedImage:
 def _png_is_plain(data: bytes) -> bool:
     """8-bit grey or RGB PNG (IHDR bit depth at byte 24, colour type at byte 25)."""
     return data[:8] == _PNG_SIGNATURE and len(data) > 25 and data[24] == 8 and data[25] in (0, 2)
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(_ORIENTATION, 1)
+    except Exception:  # unreadable EXIF: nothing anyone could apply
+        return 1
+    return value if value in range(2, 9) else 1
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -67,6 +78,7 @@ def prepare_image(
                 im.load()
                 fmt = im.format
                 plain = (fmt == "JPEG" and im.mode in _KEEP_MODES) or (fmt == "PNG" and _png_is_plain(data))
+                plain = plain and _orientation(im) == 1
                 too_big = max_side is not None and max(width, height) > max_side
                 if plain and not too_big:
                     return PreparedImage(data, "jpg" if fmt == "JPEG" else "png", width, height, False)

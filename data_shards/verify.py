@@ -14,7 +14,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_shards.images import ImageError, prepare_image
-from data_shards.shards import IMAGE_EXTS, SAMPLE_EXTS, ShardEntry, ShardError, read_index, read_manifest, sample_key
+from data_shards.shards import (
+    IMAGE_EXTS, SAMPLE_EXTS, ShardEntry, ShardError, decimal_problem, read_index, read_manifest, sample_key,
+)
 
 
 def _tar_members(path: Path) -> list[tuple[str, int, int]]:
@@ -38,15 +40,15 @@ def _check_sample(key: str, blobs: dict[str, bytes], expected_id: int, num_class
                 problems.append("image needs conversion before DALI can decode it")
         except ImageError as e:
             problems.append(f"image: {e}")
-    sid = blobs.get("id", b"").decode(errors="replace")
-    if sid != str(expected_id):
-        problems.append(f"id is {sid!r}, expected {expected_id}")
+    sid = blobs.get("id", b"")
+    if sid != str(expected_id).encode():
+        problems.append(f"id is {sid.decode(errors='replace')!r}, expected {expected_id}")
     if num_classes is None and "cls" in blobs:
         problems.append("has a label but the set is unlabeled")
     if num_classes is not None:
-        cls = blobs.get("cls", b"").decode(errors="replace")
-        if not cls.isdigit() or int(cls) >= num_classes:
-            problems.append(f"label {cls!r} is not in 0..{num_classes - 1}")
+        problem = decimal_problem(blobs.get("cls", b""), num_classes, "label")
+        if problem:
+            problems.append(f"{problem} in [0, {num_classes})" if "not a decimal" in problem else problem)
     try:
         json.loads(blobs.get("json", b""))
     except ValueError:

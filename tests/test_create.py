@@ -109,11 +109,11 @@ def test_list_with_class_names_and_relative_paths(tmp_path):
 
 
 def test_list_with_integer_labels_and_a_missing_file(tmp_path):
-    image_folder(tmp_path, {"a.png": encode(np.zeros((8, 8, 3), np.uint8))})
-    (tmp_path / "ok.txt").write_text("a.png,2\n")
+    image_folder(tmp_path, {f"{c}.png": encode(np.full((8, 8, 3), i, np.uint8)) for i, c in enumerate("abc")})
+    (tmp_path / "ok.txt").write_text("a.png,2\nb.png,0\nc.png,001\n")
     out = make_shards(tmp_path / "ok.txt", tmp_path / "out")
     assert read_manifest(out).class_names == ["0", "1", "2"]
-    (tmp_path / "bad.txt").write_text("a.png,2\nmissing.png,1\n")
+    (tmp_path / "bad.txt").write_text("a.png,2\nb.png,0\nc.png,1\nmissing.png,1\n")
     assert create.main([str(tmp_path / "bad.txt"), str(tmp_path / "out2")]) == 2
 
 
@@ -224,16 +224,16 @@ def test_interrupted_creation_leaves_no_manifest(tmp_path, cifar_archive):
     cmd = [sys.executable, "-m", "data_shards.create", str(cifar_archive), str(out), "--workers", "1", "--shard-size-mb", "0.2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list((out / ".incomplete" / "all").glob("shard-000003.tar")) and time.time() < deadline:
+    while not list((tmp_path / ".out.incomplete" / "new").glob("shard-000003.tar")) and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
-    with pytest.raises(ShardError, match="manifest"):
+    with pytest.raises(ShardError, match="no such shard folder"):  # the staging folder is beside OUT
         check_shard_set(out)
     # A new run clears the leftovers and completes.
     assert create.main([str(cifar_archive), str(out), "--limit", "50", "--workers", "1"]) == 0
-    assert not (out / ".incomplete").exists() and verify.verify(out) == []
+    assert not (tmp_path / ".out.incomplete").exists() and verify.verify(out) == []
 
 
 # --- verify ---------------------------------------------------------------------------------------------

@@ -47,11 +47,36 @@ def patterns(tmp_path_factory):
     return make_shards(image_folder(root / "src", images), root / "shards")
 
 
-def test_parse_decimal():
-    rows = torch.zeros(3, 20, dtype=torch.uint8)
-    for r, text in enumerate([b"0", b"1234567890123"]):
-        rows[r, : len(text)] = torch.tensor(list(text), dtype=torch.uint8)
-    assert parse_decimal(rows).tolist() == [0, 1234567890123, -1]
+def text_rows(texts, width=18):
+    """Rows as the reader makes them: [length, text zero-padded to `width`]."""
+    rows = torch.zeros(len(texts), 1 + width, dtype=torch.uint8)
+    for r, text in enumerate(texts):
+        rows[r, 0] = len(text)
+        rows[r, 1 : 1 + len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+    return rows
+
+
+@pytest.mark.parametrize(
+    "text, limit, expected",
+    [
+        (b"0", 10, 0),
+        (b"9", 10, 9),
+        (b"123456789012345678", 10**18, 123456789012345678),
+        (b"", 10, None),  # empty
+        (b"10", 10, None),  # out of range
+        (b"-3", 10, None),  # was 3
+        (b"1.5", 100, None),  # was 15
+        (b"abc", 10, None),  # was -1, i.e. silently "unlabeled"
+        (b"07", 10, None),  # not canonical
+        (b"3\0", 10, None),  # a NUL inside, not padding
+        (b" 3", 10, None),
+        (b"\xc2\xb3", 10, None),  # a Unicode digit
+    ],
+)
+def test_parse_decimal_is_strict(text, limit, expected):
+    values, ok = parse_decimal(text_rows([text]), limit)
+    assert bool(ok[0]) == (expected is not None)
+    assert values[0].item() == (expected if expected is not None else -1)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 from nvidia.dali import fn, pipeline_def, types
 
+from data_shards.shards import MAX_DECIMAL_DIGITS
 from pipeline.config import ViewRecipe
 
-DIGITS = 20  # width of the zero-padded decimal text fields (.cls, .id)
+DIGITS = MAX_DECIMAL_DIGITS  # width of the zero-padded decimal text fields (.cls, .id); the index check keeps them shorter
 _SOLARIZE = [k if k < 128 else 255 - k for k in range(256)]
 
 
@@ -45,8 +46,9 @@ def _read(spec: ReaderSpec):
 
 
 def _fixed_width(text):
-    """Zero-pad decimal text to DIGITS bytes so a batch is one dense tensor (parsed in torch)."""
-    return fn.pad(text, axes=[0], shape=[DIGITS], fill_value=0)
+    """Zero-pad decimal text to DIGITS bytes so a batch is one dense tensor (parsed and checked in torch),
+    with each text's own length beside it (a NUL inside the text is then told from the padding)."""
+    return fn.cat(fn.cast(text.shape(), dtype=types.UINT8), fn.pad(text, axes=[0], shape=[DIGITS], fill_value=0), axis=0)
 
 
 def _decode(encoded, gpu: bool, hw_decoder_load: float):

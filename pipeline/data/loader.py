@@ -6,6 +6,12 @@ S = floor(floor(N / W) / B) of them (full batches of distinct samples on every r
 seen at most once per epoch, exactly once when W*B divides N) and skips the rest. Evaluation yields all P
 batches with a `valid` mask that is False on padding, so each sample counts exactly once.
 
+Labels and ids. `check_shard_set` refuses at start-up what the index shows (a missing `.cls` or `.id`,
+one too long to be in range, repeated or foreign keys); each batch's `.cls` and `.id` text is then checked
+on the CPU as it arrives (canonical decimal, label in [0, classes), id in [0, samples), no id twice in an
+epoch on this rank), and a bad one stops the run with a ShardError naming its shard and key. `.json` is
+metadata for people and `data_shards.verify`; nothing here reads it.
+
 Position. `state_dict()` (JSON-serialisable) holds the epoch, the step and DALI's own checkpoint (reader position and random
 state), so a loader restored from it continues with the same samples and the same augmentations.
 """
@@ -21,7 +27,7 @@ import torch
 from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from data_shards.shards import Manifest, check_shard_set
+from data_shards.shards import Manifest, ShardError, check_shard_set, text_field_problems
 from pipeline.config import DataConfig
 from pipeline.data.augment import ReaderSpec, eval_pipeline, views_pipeline
 
@@ -37,14 +43,21 @@ class Batch:
     debug: dict[str, torch.Tensor] = field(default_factory=dict)  # crop boxes, with debug=True
 
 
-def parse_decimal(text: torch.Tensor) -> torch.Tensor:
-    """Rows of zero-padded ASCII digits ([B, W] uint8) -> int64; an empty row gives -1."""
-    codes = text.long()
+def parse_decimal(rows: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of [text length, zero-padded ASCII text] ([B, 1 + W] uint8, as `augment._fixed_width` makes
+    them) -> (int64 values, ok). `ok` is False where the text is not a canonical decimal integer in
+    [0, limit) (an empty text included); those values are -1. Vectorised, on the CPU: no host sync."""
+    length = rows[:, 0].long()
+    codes = rows[:, 1:].long()
+    width = codes.shape[1]
+    position = torch.arange(width)
+    inside = position < length[:, None]
     digit = (codes >= 48) & (codes <= 57)
-    count = digit.sum(1, keepdim=True)
-    power = (count - 1 - torch.arange(text.shape[1])).clamp(min=0)
-    value = torch.where(digit, (codes - 48) * 10**power, 0).sum(1)
-    return torch.where(count.squeeze(1) > 0, value, -1)
+    power = (length[:, None] - 1 - position).clamp(min=0, max=width - 1)
+    value = torch.where(inside & digit, (codes - 48) * 10**power, 0).sum(1)
+    ok = (length >= 1) & (length <= width) & (digit | ~inside).all(1) & ((codes[:, 0] != 48) | (length == 1))
+    ok &= value < limit
+    return torch.where(ok, value, -1), ok
 
 
 class ShardLoader:
@@ -76,6 +89,8 @@ class ShardLoader:
             raise ValueError(
                 f"{self.folder}: {n} samples cannot fill one batch of {b} on each of {w} rank(s)"
             )
+        self.num_classes = len(self.manifest.class_names) if self.manifest.class_names is not None else None
+        self._seen = torch.zeros(n, dtype=torch.bool)  # ids this rank has yielded in this epoch
         self.epoch, self.step, checkpoint = 0, 0, None
         if state is not None:
             self._check_state(state)
@@ -145,7 +160,31 @@ class ShardLoader:
         if self.cfg.dtype == "bfloat16":
             views = [v.to(torch.bfloat16) for v in views]
         extras = {k: v for k, v in out.items() if not k.startswith(("view", "label", "index"))}
-        return Batch(views, parse_decimal(out["label"]), parse_decimal(out["index"]), self._valid(), extras)
+        labels, indices, valid = self._labels_and_indices(out["label"], out["index"])
+        return Batch(views, labels, indices, valid, extras)
+
+    def _labels_and_indices(self, label_text: torch.Tensor, index_text: torch.Tensor):
+        """Parse and check the batch's `.cls` and `.id` (CPU tensors straight from the reader)."""
+        indices, ok = parse_decimal(index_text, self.manifest.num_samples)
+        if self.num_classes is not None:
+            labels, labels_ok = parse_decimal(label_text, self.num_classes)
+            ok = ok & labels_ok
+        else:
+            labels = torch.full_like(indices, -1)
+        valid = self._valid()
+        if not bool(ok.all()):
+            raise self._text_error(f"{int((~ok).sum())} sample(s) of a batch have a bad .cls or .id")
+        fresh = indices[valid]
+        if bool(self._seen[fresh].any()) or torch.unique(fresh).numel() != fresh.numel():
+            raise self._text_error("an .id repeats within one epoch")
+        self._seen[fresh] = True
+        return labels, indices, valid
+
+    def _text_error(self, what: str) -> ShardError:
+        """Only on the error path: scan the set's `.cls`/`.id` members to name the shard and key."""
+        problems = text_field_problems(self.folder, self.manifest)
+        named = "; ".join(problems) if problems else "(the scan found no bad member; the shards changed while reading?)"
+        return ShardError(f"{self.folder}: {what}: {named}")
 
     def __iter__(self):
         """Yields the rest of the current epoch; the next `iter()` starts the next epoch."""
@@ -153,6 +192,7 @@ class ShardLoader:
             for _ in range(self.padded_steps - self.step):
                 next(self._iterator)
             self.epoch, self.step = self.epoch + 1, 0
+            self._seen.zero_()
         while self.step < self.steps_per_epoch:
             out = next(self._iterator)[0]
             batch = self._to_batch(out)
