@@ -3,8 +3,8 @@ of such a folder. Every source becomes a sorted list of items whose bytes any wo
 
 Nothing is dropped without a word: hidden files and folders, broken symbolic links, links and unsafe paths
 inside archives, file names that are not UTF-8 and files listed twice go into `Source.skipped` with their
-path and the reason. A class folder whose name is not UTF-8, sparse integer labels and a list that is not
-UTF-8 text refuse the whole source (SourceError)."""
+path and the reason. A class folder whose name is not UTF-8, an integer label that would make more classes
+than there are files, and a list that is not UTF-8 text refuse the whole source (SourceError)."""
 
 from __future__ import annotations
 
@@ -236,15 +236,14 @@ def _from_list(listing: Path) -> Source:
         return Source(sorted((Item(p, None, full) for _, full, p, _ in items_raw), key=lambda i: i.name), None, skipped)
     labels = [lab for *_, lab in items_raw]
     if all(lab.isascii() and lab.isdigit() for lab in labels):
-        values = {int(lab) for lab in labels}
-        n = max(values) + 1
-        missing = sorted(set(range(n)) - values)
-        if missing:
+        n = max(int(lab) for lab in labels) + 1
+        if n > len(labels):  # C classes need at least C files: a label this large names classes with none
             line = next(lineno for lineno, *_, lab in items_raw if int(lab) == n - 1)
-            which = f"class {missing[0]} has" if len(missing) == 1 else f"classes {_ranges(missing)} have"
+            empty = sorted(set(range(n)) - {int(lab) for lab in labels})
             raise SourceError(
-                f"{listing}:{line}: label {n - 1}, but {which} no file: integer labels number the classes "
-                f"0..C-1 with a file in every class (or use class names)"
+                f"{listing}:{line}: label {n - 1} would make {n} classes from {len(labels)} file(s) "
+                f"(classes {_ranges(empty)} have no file): integer labels number the classes 0..C-1 "
+                "(or use class names)"
             )
         class_names, index = [str(i) for i in range(n)], {str(i): i for i in range(n)}
         index.update({lab: int(lab) for lab in labels})  # "007" -> 7

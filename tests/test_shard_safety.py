@@ -331,11 +331,11 @@ def test_file_whose_name_is_not_utf8_is_skipped_and_reported(tmp_path, capsys):
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ("a.png,0\nb.png,1000000\n", r"list.csv:2: label 1000000.*classes 1\.\.999999 have no file"),
-        ("a.png,0\nb.png,2\n", r"list.csv:2: label 2.*class 1 has no file"),
+        ("a.png,0\nb.png,1000000\n", r"list.csv:2: label 1000000 would make 1000001 classes from 2 file\(s\) \(classes 1\.\.999999 have no file\)"),
+        ("a.png,0\nb.png,2\n", r"list.csv:2: label 2 would make 3 classes from 2 file\(s\) \(classes 1 have no file\)"),
     ],
 )
-def test_integer_labels_must_be_dense(tmp_path, capsys, rows, message):
+def test_integer_labels_beyond_the_number_of_files_are_refused(tmp_path, capsys, rows, message):
     image_folder(tmp_path, {"a.png": png(), "b.png": png(1)})
     (tmp_path / "list.csv").write_text(rows)
     assert create.main([str(tmp_path / "list.csv"), str(tmp_path / "out"), "--workers", "1"]) == 2
