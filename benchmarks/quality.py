@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import pipeline.methods  # noqa: E402,F401  (registers the methods load_config validates against)
 from benchmarks.plain_simclr import simclr_model, train_plain  # noqa: E402
 from pipeline.checkpoint import complete_checkpoints, read_meta  # noqa: E402
 from pipeline.config import load_config  # noqa: E402

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 
 from data_shards.shards import ShardError, shared_class_names  # noqa: E402
+import pipeline.methods  # noqa: E402,F401  (registers the methods a checkpoint's configuration names)
 from pipeline.checkpoint import CheckpointError  # noqa: E402
 from pipeline.frozen import eval_data_config, load_backbone  # noqa: E402
 from pipeline.data.loader import ShardLoader  # noqa: E402

@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import pipeline.methods  # noqa: E402,F401  (registers the methods a checkpoint's configuration names)
 from pipeline.checkpoint import CheckpointError, export_backbone  # noqa: E402
 
 

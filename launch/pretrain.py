@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from data_shards.shards import ShardError, check_shard_set  # noqa: E402
 from pipeline.config import ConfigError, load_config  # noqa: E402
-from pipeline.methods import METHODS  # noqa: E402
+import pipeline.methods  # noqa: E402,F401  (registers the methods the configuration is validated against)
 
 DEFAULT_RECIPE = ROOT / "launch" / "configs" / "default.yaml"
 SAMPLE = Path("data/sample")
@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--output", help="run folder: checkpoints, tensorboard")
     p.add_argument("--resume", help="auto (newest complete checkpoint), never, or a checkpoint folder")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", help="DeepSpeed JSON merged under ours (= engine.deepspeed_config)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=0.5 data.batch_size=128")
     return p.parse_args(argv)
@@ -59,13 +60,12 @@ def main(argv=None) -> int:
         ensure_sample(SAMPLE)
         overrides = [f"train.data={SAMPLE / 'train'}", f"train.val_data={SAMPLE / 'val'}"] + overrides
     flags = {"train.data": args.data, "train.val_data": args.val_data, "train.output": args.output,
-             "train.resume": args.resume, "train.max_steps": args.max_steps}
+             "train.resume": args.resume, "train.max_steps": args.max_steps,
+             "engine.deepspeed_config": args.deepspeed_config}
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     # Everything that can be wrong is checked here, before any process group forms.
     try:
-        cfg = load_config(recipe, overrides)
-        METHODS[cfg.method.name].check_config(cfg)
-        cfg.check_world(int(os.environ.get("WORLD_SIZE", 1)))
+        cfg = load_config(recipe, overrides)  # with the method's own checks at $WORLD_SIZE
         if cfg.train.data is None:
             raise ConfigError("no training data: pass --data SHARDS or set train.data")
         for folder in filter(None, (cfg.train.data, cfg.train.val_data)):

@@ -46,21 +46,24 @@ def cifar_resnet(pretrained: bool = False, base: str = "resnet18", pretrained_cf
     return model
 
 
-def timm_spec(cfg: ModelConfig, img_size: int) -> tuple[str, dict]:
-    """(architecture, model_args) that rebuild the backbone with `timm.create_model`."""
+def timm_spec(cfg: ModelConfig, img_size: int, dynamic_size: bool = False) -> tuple[str, dict]:
+    """(architecture, model_args) that rebuild the backbone with `timm.create_model`. `dynamic_size`: a
+    ViT that takes inputs of several sizes (multi-crop), its position embedding interpolated."""
     args: dict = {"num_classes": 0}
     if cfg.drop_path_rate:
         args["drop_path_rate"] = cfg.drop_path_rate
     if is_vit(cfg.backbone):
         args["img_size"] = cfg.img_size or img_size
+        if dynamic_size:
+            args["dynamic_img_size"] = True
     if cfg.cifar_stem:
         return "cifar_resnet", {"base": cfg.backbone, **args}
     return cfg.backbone, args
 
 
-def create_backbone(cfg: ModelConfig, img_size: int) -> nn.Module:
+def create_backbone(cfg: ModelConfig, img_size: int, dynamic_size: bool = False) -> nn.Module:
     """A timm backbone without classifier (forward gives pooled features of size `num_features`)."""
-    name, args = timm_spec(cfg, img_size)
+    name, args = timm_spec(cfg, img_size, dynamic_size)
     try:
         model = timm.create_model(name, pretrained=False, **args)
     except RuntimeError as e:  # timm's "Unknown model"

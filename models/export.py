@@ -17,8 +17,8 @@ from pipeline.config import Config
 
 
 def timm_config(cfg: Config, num_features: int) -> dict:
-    size = max(r.size for r in cfg.data.view_recipes()[:2])
-    name, args = timm_spec(cfg.model, img_size=size)
+    sizes = {r.size for r in cfg.data.view_recipes()}
+    name, args = timm_spec(cfg.model, img_size=max(sizes), dynamic_size=len(sizes) > 1)
     first = cfg.data.view_recipes()[0]
     return {
         "architecture": name,

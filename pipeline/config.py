@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -187,71 +187,43 @@ class ModelConfig(Strict):
     compile: bool = False
 
 
-class SDMPConfig(Strict):
-    """SDMP (data mixing prior) on top of MoCo v3 or SimCLR."""
-
-    weight: float = Field(0.5, ge=0.0)  # total = base + weight * (mixed-vs-clean + mixed-vs-mixed)
-    alpha: float = Field(1.0, gt=0.0)  # lambda ~ Beta(alpha, alpha)
-    mix: Literal["random", "mixup", "cutmix", "resizemix"] = "random"  # one method per batch
-    loss: Literal["soft_ce", "log_mixture"] = "soft_ce"  # the paper's pseudo-code, or the released code's form
-
-
-class OUCLConfig(Strict):
-    """OUCL (MetAug's loss). weighted=False and margins=False reproduce the released code."""
-
-    beta: float = Field(16.0, gt=0.0)
-    gamma: float = Field(0.25, ge=0.0, lt=0.5)
-    weighted: bool = True  # the Gamma weights
-    margins: bool = True
-
-
-class MetAugConfig(Strict):
-    delta: float = Field(1e-5, ge=0.0)  # weight of OUCL with generated features in the encoder step
-    reg_weight: float = Field(1e-5, ge=0.0)  # weight of the margin-injected regulariser in the meta step
-    inner_lr: float = Field(0.01, gt=0.0)  # epsilon of the fast weights
-    scope: Literal["projector", "encoder"] = "projector"  # the weights the fast-weight step runs through
-    generator_hidden: int = Field(2048, ge=1)
-    generator_lr: float = Field(1e-3, gt=0.0)
-
-
-class SDCLRConfig(Strict):
-    prune_ratio: float = Field(0.9, gt=0.0, lt=1.0)
-    refresh_epochs: int = Field(1, ge=1)  # recompute the mask every N epochs
-
-
-class FeatureAugConfig(Strict):
-    """Feature-space augmentation (FeatMatch's AugF in contrastive pretraining): prototype attention over
-    k-means prototypes of a memory of recent gathered keys gives each key an augmented twin, a second
-    positive of weight `weight` for InfoNCE (simclr, mocov2, mocov3 and the methods built on them)."""
-
-    prototypes: int = Field(64, ge=1)  # k of the k-means
-    heads: int = Field(4, ge=1)  # attention heads of the prototype attention
-    memory: int = Field(4096, ge=1)  # rows of the feature memory (a FIFO ring of gathered keys)
-    weight: float = Field(0.5, ge=0.0, le=1.0)  # target share of the augmented positive (the key keeps 1 - weight)
-    refresh_epochs: int = Field(1, ge=1)  # recompute the prototypes every N epochs (in start_epoch)
-    kmeans_iters: int = Field(20, ge=0)
-
-    @model_validator(mode="after")
-    def _memory_holds_prototypes(self):
-        if self.memory < self.prototypes:
-            raise ValueError(f"memory={self.memory} must be >= prototypes={self.prototypes} (k-means needs a row per prototype)")
-        return self
-
-
 class MethodConfig(Strict):
-    name: Literal["simclr", "mocov2", "mocov3", "sdmp_mocov3", "sdmp_simclr", "metaug", "sdclr"] = "simclr"
-    temperature: float = Field(0.2, gt=0.0)
-    queue_size: int = Field(65536, ge=1)  # mocov2
-    momentum: float = Field(0.99, ge=0.0, le=1.0)  # base EMA momentum (mocov2: constant; mocov3: cosine to 1)
-    momentum_schedule: Literal["constant", "cosine"] = "cosine"
-    batch_norm: Literal["shuffle", "sync", "local"] = "shuffle"  # mocov2: how keys avoid BatchNorm leaks
-    shuffle_groups: int = Field(1, ge=1)  # mocov2 ShuffleBN emulation: key batch split into groups per rank
-    loss_impl: Literal["auto", "reference", "chunked", "triton"] = "auto"
-    sdmp: SDMPConfig = SDMPConfig()  # sdmp_mocov3, sdmp_simclr
-    oucl: OUCLConfig = OUCLConfig()  # metaug
-    metaug: MetAugConfig = MetAugConfig()
-    sdclr: SDCLRConfig = SDCLRConfig()
-    feature_aug: FeatureAugConfig | None = None  # simclr, mocov2, mocov3, sdmp_*, sdclr: prototype attention positives
+    """The `method:` section. Each method (pipeline/methods/) extends this class with its own settings and
+    registers it; a recipe's section is validated against the chosen method's class only, so a key of
+    another method is an error. The ground floor knows no method: `REGISTRY` is filled from above."""
+
+    name: str
+    batch_norm: Literal["local", "sync"] = "local"  # sync: SyncBatchNorm over all ranks when there are several
+
+    method_class: ClassVar[type | None] = None  # the Method subclass this configures (set by register_method)
+
+
+REGISTRY: dict[str, type[MethodConfig]] = {}  # method name -> its configuration class
+DEFAULT_METHOD: list[str] = []  # the method a recipe without `method.name` runs (registered with default=True)
+
+
+def method_config(section) -> MethodConfig:
+    """A recipe's `method:` section validated against the chosen method's own class."""
+    if isinstance(section, MethodConfig):
+        return section
+    section = {} if section is None else section
+    if not isinstance(section, dict):
+        raise ConfigError(f"method: expected a mapping with a name, got {section!r}")
+    if not REGISTRY:
+        raise ConfigError("no methods are registered: import pipeline.methods before loading a configuration")
+    name = section.get("name", DEFAULT_METHOD[0] if DEFAULT_METHOD else None)
+    if name not in REGISTRY:
+        raise ConfigError(f"method.name={name!r}: unknown method; registered: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[name]
+    foreign = [key for key in section if key not in cls.model_fields]
+    for key in foreign:
+        owners = sorted(other for other, c in REGISTRY.items() if key in c.model_fields)
+        if owners:
+            raise ConfigError(f"method.{key}: not a setting of method.name={name} (it belongs to {', '.join(owners)})")
+    try:
+        return cls.model_validate({**section, "name": name})
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "method")) from None
 
 
 class OptimConfig(Strict):
@@ -294,40 +266,29 @@ class TrainConfig(Strict):
 class Config(Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    method: MethodConfig = MethodConfig()
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: method_config({}))
     optim: OptimConfig = OptimConfig()
     engine: EngineConfig = EngineConfig()
     train: TrainConfig = TrainConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_class(cls, tree):
+        if isinstance(tree, dict) and "method" in tree:
+            tree = {**tree, "method": method_config(tree["method"])}
+        return tree
+
     @model_validator(mode="after")
     def _consistent(self):
-        method, n_views = self.method, len(self.data.view_recipes())
-        if n_views != 2:
-            raise ValueError(f"method.name={method.name} needs exactly 2 views, data.views gives {n_views}")
-        if method.name in ("mocov3", "sdmp_mocov3") and self.model.predictor is None:
-            raise ValueError(f"method.name={method.name} needs model.predictor")
         if self.model.freeze_patch_embed and "vit" not in self.model.backbone:
             raise ValueError(f"model.freeze_patch_embed needs a ViT backbone, got {self.model.backbone}")
         if self.model.cifar_stem and "resnet" not in self.model.backbone:
             raise ValueError(f"model.cifar_stem needs a ResNet backbone, got {self.model.backbone}")
-        if self.data.batch_size % method.shuffle_groups:
-            raise ValueError(f"method.shuffle_groups={method.shuffle_groups} must divide data.batch_size={self.data.batch_size}")
         return self
 
-    def check_world(self, world_size: int) -> None:
-        """Checks that need the world size, run before any process group forms."""
-        global_batch = self.data.batch_size * world_size
-        if self.method.name == "mocov2" and self.method.queue_size < global_batch:
-            raise ValueError(
-                f"method.queue_size={self.method.queue_size} cannot hold one global batch of {global_batch} "
-                f"keys (data.batch_size={self.data.batch_size} x {world_size} ranks)"
-            )
-        aug = self.method.feature_aug
-        if aug is not None and aug.memory < 2 * global_batch:
-            raise ValueError(
-                f"method.feature_aug.memory={aug.memory} cannot hold one step's keys: at least 2 x the global batch "
-                f"of {global_batch} (data.batch_size={self.data.batch_size} x {world_size} ranks)"
-            )
+    def check(self, world_size: int) -> None:
+        """The chosen method's own constraints (views, world size, engine), before any process group forms."""
+        type(self.method).method_class.check(self, world_size)
 
 
 class ConfigError(ValueError):
@@ -344,20 +305,51 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     node[leaf] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Recipe YAML (or the defaults) with `section.key=value` overrides (values parsed as YAML)."""
-    tree = {}
-    if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: {e}") from None
+def read_recipe(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe's tree; `base: OTHER.yaml` (relative to the recipe) is read first and deep-merged under it."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: base {base} includes itself")
+    return deep_merge(read_recipe(base_path, seen + (base_path,)), tree)
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), world_size: int | None = None) -> Config:
+    """Recipe YAML (or the defaults) with `section.key=value` overrides (values parsed as YAML), checked
+    with the method's own constraints for `world_size` ranks (default: $WORLD_SIZE, else 1)."""
+    tree = read_recipe(path) if path is not None else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key.strip()}: not a YAML value: {str(e).splitlines()[0]}") from None
+        _set_dotted(tree, key.strip(), parsed)
+    where = path or "configuration"
     try:
-        return Config.model_validate(tree)
+        tree["method"] = method_config(tree.get("method"))
+        cfg = Config.model_validate(tree)
+        cfg.check(int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size)
     except ValidationError as e:
-        raise ConfigError(f"{path or 'configuration'}: {format_validation_error(e)}") from None
+        raise ConfigError(f"{where}: {format_validation_error(e)}") from None
+    except ValueError as e:  # ConfigError included: the message names the key
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg

@@ -1,6 +1,6 @@
 """The training loop: DeepSpeed engine, schedules, checkpoints, logging, online kNN. It knows no method by
-name: a method is a module whose forward gives (loss, parts) and whose `after_step` runs after each
-optimizer step."""
+name: it uses only what a method declares (pipeline/methods/base.py): its checks, parameter groups,
+encoders, evaluation features, hooks, and a forward that gives (loss, parts)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -67,18 +67,13 @@ def deepspeed_config(cfg: Config) -> dict:
     return ds
 
 
-def build_optimizer(method: torch.nn.Module, cfg: Config, world_size: int, total_steps: int, steps_per_epoch: int):
-    """timm optimizer (no weight decay on norms and biases), LR scaled by global batch / 256, warm-up + cosine."""
+def build_optimizer(method, cfg: Config, world_size: int, total_steps: int, steps_per_epoch: int):
+    """timm optimizer over the method's parameter groups, LR scaled by global batch / 256, warm-up + cosine."""
     o = cfg.optim
     global_batch = cfg.data.batch_size * world_size * o.accumulation_steps
     lr = o.lr * global_batch / 256 if o.scale_lr else o.lr
     extra = {"betas": o.betas} if o.name == "adamw" else {"momentum": o.momentum}
-    # timm's groups (no weight decay on norms, biases, ViT tokens), less what the method trains itself.
-    own = {id(p) for name in method.self_trained for p in getattr(method, name).parameters()}
-    tokens = {f"backbone.{name}" for name in getattr(method.backbone, "no_weight_decay", set)()}
-    groups = param_groups_weight_decay(method, o.weight_decay, no_weight_decay_list=tokens)
-    groups = [{**g, "params": [p for p in g["params"] if id(p) not in own]} for g in groups]
-    optimizer = create_optimizer_v2(groups, opt=o.name, lr=lr, weight_decay=o.weight_decay, **extra)
+    optimizer = create_optimizer_v2(method.param_groups(o.weight_decay), opt=o.name, lr=lr, weight_decay=o.weight_decay, **extra)
     warmup = min(int(o.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
     # warmup_prefix: the cosine starts after the warm-up, so it lasts the remaining steps and ends at min_lr.
     scheduler = CosineLRScheduler(
@@ -166,7 +161,7 @@ class Logger:
             self.writer.close()
 
 
-def knn_monitor(backbone, cfg: Config, rank: int, world_size: int, device, device_id) -> float | None:
+def knn_monitor(features, cfg: Config, rank: int, world_size: int, device, device_id) -> float | None:
     """Weighted kNN top-1 (k = train.knn_k) of the validation set against the training set."""
     if not cfg.train.val_data:
         return None
@@ -174,7 +169,7 @@ def knn_monitor(backbone, cfg: Config, rank: int, world_size: int, device, devic
     feats = []
     for folder in (cfg.train.data, cfg.train.val_data):
         loader = ShardLoader(folder, cfg.data, train=False, rank=rank, world_size=world_size, device_id=device_id)
-        feats.append(extract_features(backbone, loader, device, dtype=dtype))
+        feats.append(extract_features(features, loader, device, dtype=dtype))
     (train_x, train_y, _), (val_x, val_y, _) = feats
     k = min(cfg.train.knn_k, train_x.shape[0])
     return knn_accuracy(train_x, train_y, val_x, val_y, ks=(k,))[k]
@@ -195,14 +190,23 @@ def out_of_time(started: float, limit_minutes: float | None, device: torch.devic
     return bool(flag.item())
 
 
-def backbone_state(engine, method) -> dict:
-    """The online backbone's full state (gathered from ZeRO-3 partitions), for rank 0 to save."""
-    params = list(method.backbone.parameters())
+def exported_encoder(method) -> torch.nn.Module:
+    """The encoder a checkpoint exports: checkpoints and export hold one so far."""
+    encoders = method.encoders()
+    if len(encoders) != 1:
+        raise NotImplementedError(f"checkpoints export one encoder; this method declares {sorted(encoders)}")
+    return next(iter(encoders.values()))
+
+
+def encoder_state(engine, encoder) -> dict:
+    """An encoder's full state (gathered from ZeRO-3 partitions), for rank 0 to save."""
+    params = list(encoder.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
-        return {k: v.detach().float().cpu().clone() for k, v in method.backbone.state_dict().items()}
+        return {k: v.detach().float().cpu().clone() for k, v in encoder.state_dict().items()}
 
 
 def train(cfg: Config) -> Path:
+    cfg.check(int(os.environ.get("WORLD_SIZE", 1)))  # before any process group forms
     rank, world_size, local_rank, device = init_distributed()
     torch.manual_seed(cfg.train.seed + rank)
     if cfg.train.deterministic:
@@ -211,7 +215,7 @@ def train(cfg: Config) -> Path:
     device_id = local_rank if device.type == "cuda" else None
 
     method = build_method(cfg)
-    if cfg.method.batch_norm == "sync" and world_size > 1:
+    if cfg.method.batch_norm == "sync" and world_size > 1:  # every method's setting (MethodConfig)
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     resume_from = checkpoint.resolve(cfg.train.resume, ckpt_dir)
     meta = checkpoint.check_fingerprint(resume_from, checkpoint.fingerprint(method, cfg)) if resume_from else None
@@ -261,7 +265,7 @@ def train(cfg: Config) -> Path:
     metrics = dict(meta.get("metrics", {})) if meta else {}
 
     def monitor(when: str) -> None:
-        knn = knn_monitor(method.backbone, cfg, rank, world_size, device, device_id)
+        knn = knn_monitor(method.features(), cfg, rank, world_size, device, device_id)
         if knn is not None:
             metrics[f"knn_top1_k{cfg.train.knn_k}"] = knn
             log.scalars(step, {"eval/knn_top1": knn})
@@ -273,26 +277,29 @@ def train(cfg: Config) -> Path:
     def save(at_step: int) -> Path:
         meta_out = {"world_size": world_size, "fingerprint": checkpoint.fingerprint(method, cfg),
                     "config": cfg.model_dump(mode="json"), "epochs_done": at_step / steps_per_epoch,
-                    "num_features": method.backbone.num_features, "metrics": metrics}
+                    "num_features": exported_encoder(method).num_features, "metrics": metrics}
         return checkpoint.save(
             engine, ckpt_dir, at_step, rank, {"data": loader.state_dict()}, meta_out,
-            backbone_state(engine, method), cfg.train.keep_checkpoints,
+            encoder_state(engine, exported_encoder(method)), cfg.train.keep_checkpoints,
         )
 
-    meter, path, start_step, started, grad_norm = Meter(), resume_from, step, time.perf_counter(), None
+    meter, path, start_step, started, grad_norm, micro = Meter(), resume_from, step, time.perf_counter(), None, 0
     while step < last_step:
         if loader.step in (0, loader.steps_per_epoch):  # a fresh epoch, not one resumed in the middle
             epoch = loader.epoch + (loader.step > 0)
-            epoch_values = engine.module.start_epoch(epoch)
+            epoch_values = method.start_epoch(epoch)
             if epoch_values:
                 log.scalars(step, epoch_values)
         for batch in meter.timed(loader):  # the rest of one epoch
             views = [v.to(device, non_blocking=True) for v in batch.views]
             if meter.first:
                 log.views(views, cfg.data.view_recipes())
+            if micro == 0:
+                step_values = method.before_step(step)
             loss, parts = engine(views)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
+            micro = 0 if boundary else micro + 1
             logging = boundary and (step + 1) % cfg.train.log_every == 0
             if logging and engine.zero_optimization_stage() == 0:  # ZeRO 1-3 compute the norm themselves
                 grad_norm = full_grad_norm(method)
@@ -303,7 +310,7 @@ def train(cfg: Config) -> Path:
             if not boundary:
                 continue
             step += 1
-            extra = engine.module.after_step(step / total_steps)
+            extra = {**step_values, **method.after_step(step / total_steps)}
             meter.steps += 1
             log.advance()
             if step % cfg.train.log_every == 0 and out_of_time(started, cfg.train.time_limit_minutes, device):

@@ -1,4 +1,5 @@
 import io
+import pipeline.methods  # noqa: F401  (registers the methods load_config validates against)
 import os
 from pathlib import Path
 
@@ -87,10 +88,11 @@ def tiny_config(method: str = "simclr", *extra: str):
         "data.batch_size=4",
         "model.backbone=test_vit",
         "model.projector={hidden_dim: 32, out_dim: 16, layers: 1}",
-        "method.queue_size=16",
         "method.batch_norm=local",
         "engine.precision=fp32",
     ]
+    if method == "mocov2":
+        overrides.append("method.queue_size=16")
     if "mocov3" in method:
         overrides.append("model.predictor={hidden_dim: 32, out_dim: 16, layers: 1}")
     return load_config(None, overrides + list(extra))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.methods import METHODS
+
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
@@ -16,7 +16,7 @@ RECIPES = sorted((ROOT / "launch" / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipes_validate(recipe):
     cfg = load_config(recipe)
-    METHODS[cfg.method.name].check_config(cfg)
+    cfg.check(1)
 
 
 def test_overrides_parse_yaml_values():
@@ -34,7 +34,9 @@ def test_overrides_parse_yaml_values():
         ("data.views=[]", "at least one view"),
         ("method.name=mocov3", "needs model.predictor"),
         ("model.cifar_stem=true model.backbone=vit_small_patch16_224", "cifar_stem needs a ResNet"),
-        ("data.batch_size=6 method.shuffle_groups=4", "must divide data.batch_size"),
+        ("method.name=mocov2 data.batch_size=6 method.shuffle_groups=4", "must divide data.batch_size"),
+        ("method.sdmp.weight=0.3", "method.sdmp: not a setting of method.name=simclr \\(it belongs to sdmp_mocov3, sdmp_simclr\\)"),
+        ("method.name=byol", "method.name=.byol.: unknown method"),
         ("oops", "expected key=value"),
     ],
 )
@@ -45,15 +47,14 @@ def test_bad_values_name_the_key(override, message):
 
 def test_queue_must_hold_a_global_batch():
     cfg = load_config(None, ["method.name=mocov2", "method.queue_size=1000", "data.batch_size=256"])
-    cfg.check_world(3)
+    cfg.check(3)
     with pytest.raises(ValueError, match="method.queue_size=1000 cannot hold one global batch of 1024"):
-        cfg.check_world(4)
+        cfg.check(4)
 
 
 def test_compile_under_zero3_is_refused():
-    cfg = load_config(None, ["engine.zero_stage=3", "model.compile=true"])
     with pytest.raises(ValueError, match="model.compile"):
-        METHODS[cfg.method.name].check_config(cfg)
+        load_config(None, ["engine.zero_stage=3", "model.compile=true"])
 
 
 def test_pretrain_stops_before_any_process_group(tmp_path):
@@ -68,3 +69,27 @@ def test_pretrain_stops_before_any_process_group(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 2 and "no such shard folder" in out.stderr
+
+
+def test_views_are_checked_against_what_the_method_takes():
+    multicrop = "data.views={preset: multicrop, size: 32, local_size: 16, local_views: 2}"
+    assert len(load_config(None, [multicrop]).data.view_recipes()) == 4  # SimCLR takes local views
+    with pytest.raises(ConfigError, match=r"sdclr takes 2 global view\(s\); data.views gives 4 \(sizes \[32, 32, 16, 16\]\)"):
+        load_config(None, [multicrop, "method.name=sdclr"])
+    with pytest.raises(ConfigError, match="global views need one size"):
+        load_config(None, ["data.views=[{size: 32}, {size: 16}]"])
+
+
+def test_an_override_that_is_not_yaml_names_itself():
+    with pytest.raises(ConfigError, match="method.sdmp"):
+        load_config(None, ["method.sdmp={weight:"])
+
+
+def test_recipes_compose_with_base(tmp_path):
+    (tmp_path / "parent.yaml").write_text("method: {name: mocov2, queue_size: 512}\noptim: {lr: 0.1, weight_decay: 0.01}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\noptim: {lr: 0.2}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.method.name, cfg.method.queue_size, cfg.optim.lr, cfg.optim.weight_decay) == ("mocov2", 512, 0.2, 0.01)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")

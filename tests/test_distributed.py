@@ -39,9 +39,9 @@ FEATURE_AUG = "method.feature_aug={prototypes: 4, heads: 2, memory: 32}"
 def one_step_gradients(name: str, rank: int = 0, world: int = 1, *extra: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)  # the same initial weights on every rank
     method = build_method(tiny_config(name, *extra))
-    if method.feature_aug is not None:  # give the attention weights a non-trivial start
+    if method.contrast_keys.cfg is not None:  # give the attention weights a non-trivial start
         with torch.no_grad():
-            for p in method.feature_aug.parameters():
+            for p in method.contrast_keys.attention.parameters():
                 p.add_(0.1 * torch.randn_like(p))
     loss, _ = method(local(global_views(1), rank, world))
     loss.backward()

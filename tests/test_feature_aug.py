@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import pipeline.methods.base as base
+import pipeline.methods.feature_aug as feature_aug
 from conftest import tiny_config
 from distributed_utils import spawn
 from models.prototypes import kmeans
 from pipeline.config import ConfigError
 from pipeline.losses import info_nce
-from pipeline.methods import METHODS, build_method
+from pipeline.methods import build_method
 
 AUG = "method.feature_aug={prototypes: 4, heads: 2, memory: 32, weight: 0.3}"
 TRAINED = ["simclr", "mocov2", "mocov3", "sdmp_mocov3", "sdmp_simclr", "sdclr"]
@@ -41,7 +41,7 @@ def test_off_simclr_is_nt_xent_bit_for_bit():
     expected = info_nce(torch.cat([z1, z2]), torch.cat([z1, z2]), method.temperature,
                         targets=torch.cat([own + 4, own]), mask_self=torch.cat([own, own + 4]))
     assert torch.equal(loss, expected)
-    assert method.feature_aug is None and not any("feature" in k or "prototypes" in k for k in method.state_dict())
+    assert method.contrast_keys.cfg is None and not any("feature" in k or "prototypes" in k for k in method.state_dict())
 
 
 def test_off_mocov3_is_infonce_bit_for_bit():
@@ -85,29 +85,28 @@ def test_training_steps_reach_augf(name):
         loss, _ = method(views(step))
         assert torch.isfinite(loss)
         loss.backward()
-        grads = {n: p.grad for n, p in method.feature_aug.named_parameters()}
+        grads = {n: p.grad for n, p in method.contrast_keys.attention.named_parameters()}
         assert grads["residual.weight"] is not None and grads["residual.weight"].abs().sum() > 0
         if step == 1:  # once φᵣ has moved off zero, the whole module learns
             assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), name
         opt.step()
         method.after_step(0.5)
-    assert int(method.feature_memory.position) != 0
+    assert int(method.contrast_keys.memory.position) != 0
 
 
 def test_metaug_refuses_feature_aug():
-    cfg = tiny_config("metaug", AUG)
-    with pytest.raises(ValueError, match="feature_aug cannot run with method.name=metaug"):
-        METHODS["metaug"].check_config(cfg)
-    METHODS["simclr"].check_config(tiny_config("simclr", AUG))
+    with pytest.raises(ConfigError, match="method.feature_aug: not a setting of method.name=metaug"):
+        tiny_config("metaug", AUG)
+    tiny_config("simclr", AUG).check(1)
 
 
 def test_config_checks_memory():
     with pytest.raises(ConfigError, match="memory=2 must be >= prototypes=4"):
         tiny_config("simclr", "method.feature_aug={prototypes: 4, memory: 2}")
     cfg = tiny_config("simclr", AUG)  # 32 rows, batch 4 per rank: 2 x 16 fits at 4 ranks, not at 8
-    cfg.check_world(4)
+    cfg.check(4)
     with pytest.raises(ValueError, match="feature_aug.memory=32"):
-        cfg.check_world(8)
+        cfg.check(8)
 
 
 def capture_info_nce(monkeypatch):
@@ -117,14 +116,14 @@ def capture_info_nce(monkeypatch):
         calls.append((args, kwargs))
         return info_nce(*args, **kwargs)
 
-    monkeypatch.setattr(base, "info_nce", spy)
+    monkeypatch.setattr(feature_aug, "info_nce", spy)
     return calls
 
 
 def test_targets_point_at_the_twins_and_weights_sum_to_one(monkeypatch):
     method = make("simclr", AUG)
     with torch.no_grad():  # AugF away from its zero start, so twins differ from their keys
-        method.feature_aug.residual.weight.normal_()
+        method.contrast_keys.attention.residual.weight.normal_()
     calls = capture_info_nce(monkeypatch)
     g = torch.Generator().manual_seed(5)
     q, k = F.normalize(torch.randn(4, 16, generator=g), dim=1), F.normalize(torch.randn(8, 16, generator=g), dim=1)
@@ -133,13 +132,13 @@ def test_targets_point_at_the_twins_and_weights_sum_to_one(monkeypatch):
     (args, kwargs), = calls
     keys = args[1]
     assert keys.shape == (16, 16) and torch.equal(keys[:8], k)
-    assert torch.allclose(keys[8:], F.normalize(method.feature_aug(k, method.prototypes), dim=1))
+    assert torch.allclose(keys[8:], F.normalize(method.contrast_keys.attention(k, method.contrast_keys.prototypes), dim=1))
     assert not torch.allclose(keys[8:], k)
     assert torch.equal(kwargs["targets"], torch.stack([targets, targets + 8], 1))
     assert torch.equal(kwargs["mask_self"], torch.stack([selves, selves + 8], 1))
     weights = kwargs["target_weights"]
     assert torch.allclose(weights, torch.tensor([0.7, 0.3]).expand(4, 2)) and torch.allclose(weights.sum(1), torch.ones(4))
-    assert torch.equal(method.feature_memory.keys[:8], k) and int(method.feature_memory.position) == 8
+    assert torch.equal(method.contrast_keys.memory.keys[:8], k) and int(method.contrast_keys.memory.position) == 8
 
 
 @pytest.mark.parametrize("name", ["simclr", "mocov3"])
@@ -168,23 +167,23 @@ def test_multi_column_mask_self_matches_the_dense_definition():
 
 def test_prototypes_refresh_only_in_start_epoch_at_the_interval():
     method = make("mocov3", AUG.replace("}", ", refresh_epochs: 2, kmeans_iters: 5}"))
-    expected = lambda epoch: kmeans(method.feature_memory.keys, 4, iters=5, seed=epoch, metric="cosine")[0]  # noqa: E731
+    expected = lambda epoch: kmeans(method.contrast_keys.memory.keys, 4, iters=5, seed=epoch, metric="cosine")[0]  # noqa: E731
     method.start_epoch(0)
-    assert torch.equal(method.prototypes, expected(0))
-    first = method.prototypes.clone()
+    assert torch.equal(method.contrast_keys.prototypes, expected(0))
+    first = method.contrast_keys.prototypes.clone()
     method(views())  # pushes keys; prototypes stay
-    assert torch.equal(method.prototypes, first)
+    assert torch.equal(method.contrast_keys.prototypes, first)
     method.start_epoch(1)
-    assert torch.equal(method.prototypes, first)
+    assert torch.equal(method.contrast_keys.prototypes, first)
     method.start_epoch(2)
-    assert torch.equal(method.prototypes, expected(2)) and not torch.equal(method.prototypes, first)
+    assert torch.equal(method.contrast_keys.prototypes, expected(2)) and not torch.equal(method.contrast_keys.prototypes, first)
 
 
 def test_sdclr_start_epoch_refreshes_both():
     method = make("sdclr", AUG)
-    before = method.prototypes.clone()
+    before = method.contrast_keys.prototypes.clone()
     values = method.start_epoch(0)
-    assert "sdclr/mask_threshold" in values and not torch.equal(method.prototypes, before)
+    assert "sdclr/mask_threshold" in values and not torch.equal(method.contrast_keys.prototypes, before)
 
 
 # --- distributed --------------------------------------------------------------------------------------------
@@ -205,8 +204,8 @@ def _memory_worker(rank, world, out):
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world
             opt.step()
-        state[f"{name}.memory"] = method.feature_memory.keys.contiguous()
-        state[f"{name}.prototypes"] = method.prototypes.contiguous()
+        state[f"{name}.memory"] = method.contrast_keys.memory.keys.contiguous()
+        state[f"{name}.prototypes"] = method.contrast_keys.prototypes.contiguous()
     save_file(state, f"{out}.{rank}")
 
 
@@ -217,4 +216,4 @@ def test_memory_is_identical_on_every_rank(tmp_path):
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
     for name in ("simclr", "mocov2"):
-        assert not torch.equal(r0[f"{name}.memory"], make(name, AUG).feature_memory.keys)  # it was written
+        assert not torch.equal(r0[f"{name}.memory"], make(name, AUG).contrast_keys.memory.keys)  # it was written

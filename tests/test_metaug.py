@@ -246,7 +246,8 @@ def test_generators_are_the_released_mlp():
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in gen.modules()) == 2
     assert len(feature_generators(2, 16, 8)) == 2
     method = MetAug(metaug_config())
-    assert len(method.generators) == 2 and method.self_trained == ("generators",)
+    own = {id(p) for p in method.generators.parameters()}
+    assert len(method.generators) == 2 and not any(id(p) in own for g in method.param_groups(0.1) for p in g["params"])
 
 
 # --- world size 2 against one process ---------------------------------------------------------------------
@@ -304,19 +305,19 @@ def test_world_size_2_equals_one_process_on_the_whole_batch(tmp_path):
 ])
 def test_check_config_refuses_what_the_meta_step_cannot_run(override, words):
     with pytest.raises(ValueError, match=words):
-        MetAug.check_config(metaug_config(override))
+        MetAug.check(metaug_config(override), 1)
 
 
 def test_encoder_scope_refuses_gradient_checkpointing():
     with pytest.raises(ValueError, match="grad_checkpointing"):
-        MetAug.check_config(metaug_config("method.metaug.scope=encoder", "model.grad_checkpointing=true"))
-    MetAug.check_config(metaug_config("method.metaug.scope=projector", "model.grad_checkpointing=true"))
-    MetAug.check_config(metaug_config("method.metaug.scope=encoder", "engine.zero_stage=2"))
+        MetAug.check(metaug_config("method.metaug.scope=encoder", "model.grad_checkpointing=true"), 1)
+    MetAug.check(metaug_config("method.metaug.scope=projector", "model.grad_checkpointing=true"), 1)
+    MetAug.check(metaug_config("method.metaug.scope=encoder", "engine.zero_stage=2"), 1)
 
 
 def test_recipe_validates():
     cfg = load_config(RECIPE)
-    MetAug.check_config(cfg)
+    MetAug.check(cfg, 1)
     assert cfg.method.name == "metaug" and cfg.model.cifar_stem and cfg.model.backbone == "resnet18"
     assert (cfg.method.oucl.beta, cfg.method.oucl.gamma) == (16.0, 0.25)
     assert (cfg.model.projector.hidden_dim, cfg.model.projector.out_dim) == (2048, 128)

@@ -1,58 +1,86 @@
-"""What every method shares: the online backbone and projector, the hooks the training loop calls, and the
-optional feature-space augmentation of InfoNCE keys (`method.feature_aug`, `contrast_keys`)."""
+"""The method contract. A method declares what it needs and gives; the loop, checkpoints, evaluation and
+export use only these declarations and know no method by name:
+
+- `Config`: its own pydantic class for the recipe's `method:` section (registered with `register_method`);
+- `views`: how many global views it takes and whether it takes local (multi-crop) views;
+- `check(cfg, world_size)`: its constraints, run before any process group forms;
+- `param_groups(weight_decay)`: what the engine's optimizer trains;
+- `encoders()`: the named backbones to export, and `features()`: what kNN and linear evaluation use;
+- hooks `start_epoch`, `before_step`, `after_step`; `forward(views)` returns (loss, parts to log).
+
+Every method also gets the online backbone and projector built from `model:`.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from pydantic import Field
+from timm.optim import param_groups_weight_decay
 
 from models.backbones import create_backbone, is_vit
 from models.heads import mlp_head
-from models.prototypes import PrototypeAttention, kmeans
-from pipeline.config import Config
-from pipeline.distributed import FeatureQueue
-from pipeline.losses import info_nce
+from pipeline.config import Config, MethodConfig
+from pipeline.methods.feature_aug import FeatureAugConfig, KeyContrast
+
+
+@dataclass(frozen=True)
+class Views:
+    """The views a method takes: `global_views` first (one size), then any number of smaller local views
+    when `local_views` (multi-crop)."""
+
+    global_views: int = 2
+    local_views: bool = False
+
+    def check(self, cfg: Config) -> None:
+        recipes = cfg.data.view_recipes()
+        sizes = [r.size for r in recipes]
+        name, n = cfg.method.name, self.global_views
+        takes = f"{n} global view(s)" + (" and any number of local views" if self.local_views else "")
+        if len(recipes) < n or (len(recipes) > n and not self.local_views):
+            raise ValueError(f"method.name={name} takes {takes}; data.views gives {len(recipes)} (sizes {sizes})")
+        if len(set(sizes[:n])) > 1:
+            raise ValueError(f"method.name={name}: its {n} global views need one size; data.views gives sizes {sizes[:n]}")
 
 
 class Method(nn.Module):
-    """A contrastive method. `forward(views)` returns (loss, parts) where `parts` are detached scalars to
-    log; `after_step(progress)` runs after each optimizer step. No loop, no I/O, no engine calls here."""
-
-    zero3: bool = True  # can the method run with parameters partitioned (ZeRO-3)?
-    self_trained: tuple[str, ...] = ()  # submodules the method updates itself (e.g. MetAug's generators)
-    feature_aug_support: bool = True  # does its loss go through `contrast_keys` (method.feature_aug)?
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    views: ClassVar[Views] = Views()
+    zero3: ClassVar[bool] = True  # can it run with parameters partitioned (ZeRO-3)?
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        size = max(r.size for r in cfg.data.view_recipes()[:2])
-        self.backbone = create_backbone(cfg.model, img_size=size)
+        sizes = {r.size for r in cfg.data.view_recipes()}
+        self.backbone = create_backbone(cfg.model, img_size=max(sizes), dynamic_size=len(sizes) > 1)
         self.projector = mlp_head(self.backbone.num_features, cfg.model.projector)
-        self.temperature = cfg.method.temperature
-        self.feature_aug = None
-        aug = cfg.method.feature_aug
-        if aug is not None:
-            _check_feature_aug(type(self), cfg)
-            dim = cfg.model.projector.out_dim
-            self.feature_aug = PrototypeAttention(dim, aug.heads, final_relu=False, zero_init=True)
-            self.feature_memory = FeatureQueue(aug.memory, dim)
-            # Initial memory and prototypes from a fixed generator: the same on every rank, whatever the
-            # global RNG; the first refresh (start_epoch(0)) replaces the prototypes by k-means over it.
-            g = torch.Generator().manual_seed(cfg.train.seed)
-            self.feature_memory.keys.copy_(F.normalize(torch.randn(aug.memory, dim, generator=g), dim=1))
-            self.register_buffer("prototypes", F.normalize(torch.randn(aug.prototypes, dim, generator=g), dim=1))
 
     @classmethod
-    def check_config(cls, cfg: Config) -> None:
-        """Refuse, before any process group forms, what this method cannot run."""
+    def check(cls, cfg: Config, world_size: int) -> None:
+        """Refuse, before any process group forms, what this method cannot run. Subclasses extend it."""
+        cls.views.check(cfg)
         if cfg.engine.zero_stage == 3 and not cls.zero3:
             raise ValueError(f"method.name={cfg.method.name} cannot run under engine.zero_stage=3 (use 0-2)")
         if cfg.engine.zero_stage == 3 and cfg.model.compile:
             raise ValueError("model.compile cannot run under engine.zero_stage=3: its parameter gathering breaks the graphs")
-        _check_feature_aug(cls, cfg)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """What the engine's optimizer trains: timm's groups (no weight decay on norms, biases, ViT tokens)
+        over every parameter that requires a gradient."""
+        tokens = {f"backbone.{name}" for name in getattr(self.backbone, "no_weight_decay", set)()}
+        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=tokens)
+
+    def encoders(self) -> dict[str, nn.Module]:
+        """The backbones to export, by name (each was built by `create_backbone`, so it knows its timm spec)."""
+        return {"backbone": self.backbone}
+
+    def features(self) -> nn.Module:
+        """Images [B, 3, H, W] -> the features kNN and linear evaluation use [B, D]."""
+        return self.backbone
 
     def prepare_views(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """channels_last for CNNs: their convolutions run faster in NHWC."""
@@ -60,67 +88,64 @@ class Method(nn.Module):
             return [v.contiguous(memory_format=torch.channels_last) for v in views]
         return views
 
-    def online(self) -> nn.Sequential:
-        """Backbone then projector, as one module (a view: not registered a second time)."""
-        return nn.Sequential(self.backbone, self.projector)
+    @staticmethod
+    def encode_by_size(encoder, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`encoder` on the views, one pass per run of views of the same size (BatchNorm statistics over
+        each pass), outputs in view order."""
+        out, start = [], 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            group = views[start:end]
+            out += list(encoder(torch.cat(group)).split([v.shape[0] for v in group]))
+            start = end
+        return out
 
     def start_epoch(self, epoch: int) -> dict[str, float]:
-        """Before the first step of each epoch (not when resuming mid-epoch); returns scalars to log.
-        Subclasses that override it call it too (feature_aug's prototypes are refreshed here)."""
-        aug = self.cfg.method.feature_aug
-        if aug is not None and epoch % aug.refresh_epochs == 0:
-            self.refresh_prototypes(epoch)
+        """Before the first step of each epoch (not when resuming mid-epoch); returns scalars to log. Runs
+        the hook of every component (direct submodule) that has one."""
+        values: dict[str, float] = {}
+        for child in self.children():
+            if not isinstance(child, Method) and callable(getattr(child, "start_epoch", None)):
+                values.update(child.start_epoch(epoch))
+        return values
+
+    def before_step(self, step: int) -> dict[str, float]:
+        """Before optimizer step `step` (0-based) and its forward passes; returns scalars to log."""
         return {}
-
-    @torch.no_grad()
-    def refresh_prototypes(self, epoch: int) -> None:
-        """Spherical k-means over the feature memory (identical on every rank), seeded by train.seed and
-        the epoch, so every rank computes the same prototypes without a collective."""
-        aug = self.cfg.method.feature_aug
-        centres, _ = kmeans(self.feature_memory.keys, aug.prototypes, iters=aug.kmeans_iters,
-                            seed=self.cfg.train.seed * 100003 + epoch, metric="cosine")
-        self.prototypes.copy_(centres)
-
-    def contrast_keys(self, q: torch.Tensor, keys: torch.Tensor, temperature: float, targets: torch.Tensor | None = None,
-                      *, push: torch.Tensor | None = None, **info_nce_kwargs) -> torch.Tensor:
-        """InfoNCE of queries q [B, D] against keys [N, D] (unit rows), through the feature augmentation.
-
-        Without method.feature_aug: exactly `info_nce(q, keys, temperature, targets=targets, **kwargs)`.
-        With it: the keys' augmented twins a_j = normalize(AugF(k_j, prototypes)) join as columns N..2N-1;
-        row i has two positives, its key t_i (target share 1 - weight) and a_{t_i} (weight); a masked key
-        (mask_self) has its twin masked too. Then `push` (default `keys`: gathered keys, the same on every
-        rank) goes into the feature memory, detached. targets: None (key i) or an index per row [B].
-        """
-        if self.feature_aug is None:
-            return info_nce(q, keys, temperature, targets=targets, **info_nce_kwargs)
-        aug = self.cfg.method.feature_aug
-        rows, n = q.shape[0], keys.shape[0]
-        if targets is None:
-            targets = torch.arange(rows, device=q.device)
-        if targets.ndim != 1:
-            raise ValueError(f"contrast_keys takes one target key per row [B], got {tuple(targets.shape)}")
-        with torch.autocast(keys.device.type, enabled=False):  # a small module: fp32, like the keys
-            twins = F.normalize(self.feature_aug(keys.float(), self.prototypes.float()), dim=1).to(keys.dtype)
-        positives = torch.stack([targets, targets + n], 1)
-        weights = torch.tensor([1.0 - aug.weight, aug.weight], device=q.device).expand(rows, 2)
-        mask_self = info_nce_kwargs.pop("mask_self", False)
-        if mask_self is not False:
-            own = torch.arange(rows, device=q.device) if mask_self is True else mask_self
-            mask_self = torch.stack([own, own + n], 1)
-        loss = info_nce(q, torch.cat([keys, twins]), temperature, targets=positives, target_weights=weights,
-                        mask_self=mask_self, **info_nce_kwargs)
-        self.feature_memory.push((keys if push is None else push).detach().float())
-        return loss
 
     def after_step(self, progress: float) -> dict[str, float]:
         """After each optimizer step; `progress` runs from 0 to 1 over training. Returns scalars to log."""
         return {}
 
 
-def _check_feature_aug(cls: type[Method], cfg: Config) -> None:
-    if cfg.method.feature_aug is not None and not cls.feature_aug_support:
-        raise ValueError(f"method.feature_aug cannot run with method.name={cfg.method.name}: its loss does not go "
-                         "through InfoNCE (use simclr, mocov2, mocov3, sdmp_mocov3, sdmp_simclr or sdclr)")
+class InfoNCEConfig(MethodConfig):
+    """Settings shared by the methods whose loss is InfoNCE over keys (`KeyContrast`)."""
+
+    temperature: float = Field(0.2, gt=0.0)
+    loss_impl: Literal["auto", "reference", "chunked", "triton"] = "auto"
+    feature_aug: FeatureAugConfig | None = None  # prototype attention twins of the keys as second positives
+
+
+class InfoNCEMethod(Method):
+    """A method whose keys are contrasted through `self.contrast_keys` (with the optional feature augmentation)."""
+
+    Config = InfoNCEConfig
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.temperature = cfg.method.temperature
+        self.contrast_keys = KeyContrast(cfg.method.feature_aug, cfg.model.projector.out_dim, cfg.train.seed)
+
+    @classmethod
+    def check(cls, cfg: Config, world_size: int) -> None:
+        super().check(cfg, world_size)
+        aug = cfg.method.feature_aug
+        if aug is not None:
+            aug.check(cfg.data.batch_size * world_size, world_size, cfg.data.batch_size)
+            if len(cfg.data.view_recipes()) > cls.views.global_views:
+                raise ValueError("method.feature_aug cannot run with local views (multi-crop): each local query has two positives")
 
 
 def cosine_momentum(base: float, progress: float) -> float:

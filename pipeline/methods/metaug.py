@@ -33,7 +33,7 @@ the backward (circle-loss convention), so ∇θ L is that surrogate gradient, an
 step holds Γ⁺ constant too; with Γ = 1 (the released switches) every derivative is exact. With gradient
 accumulation the meta step runs on every micro-batch.
 
-The generators' parameters have requires_grad=False: they are the method's own (`self_trained`), outside
+The generators' parameters have requires_grad=False: they are the method's own (left out of `param_groups`), outside
 the engine's optimizer, gradient all-reduce and the universal checkpoint's trained set; the meta step
 differentiates with respect to detached leaf copies that share their storage. They are in the module's
 state (checkpointed with it), and so are their Adam moments, as the module's extra state.
@@ -49,9 +49,15 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from typing import Literal
+
+from pydantic import Field
+
 from models.generators import feature_generators
+from pipeline.config import MethodConfig, Strict
 from pipeline.distributed import all_reduce_mean_, all_reduce_mean_with_grad, gather_with_grad, is_distributed, rank
 from pipeline.losses import oucl_loss
+from pipeline.methods import register_method
 from pipeline.methods.base import Method
 
 Params = dict[str, torch.Tensor]
@@ -69,10 +75,34 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=1)
 
 
+class OUCLSettings(Strict):
+    """OUCL (MetAug's loss). weighted=False and margins=False reproduce the released code."""
+
+    beta: float = Field(16.0, gt=0.0)
+    gamma: float = Field(0.25, ge=0.0, lt=0.5)
+    weighted: bool = True  # the Gamma weights
+    margins: bool = True
+
+
+class MetAugSettings(Strict):
+    delta: float = Field(1e-5, ge=0.0)  # weight of OUCL with generated features in the encoder step
+    reg_weight: float = Field(1e-5, ge=0.0)  # weight of the margin-injected regulariser in the meta step
+    inner_lr: float = Field(0.01, gt=0.0)  # epsilon of the fast weights
+    scope: Literal["projector", "encoder"] = "projector"  # the weights the fast-weight step runs through
+    generator_hidden: int = Field(2048, ge=1)
+    generator_lr: float = Field(1e-3, gt=0.0)
+
+
+class MetAugConfig(MethodConfig):
+    loss_impl: Literal["auto", "reference", "chunked", "triton"] = "auto"
+    oucl: OUCLSettings = OUCLSettings()
+    metaug: MetAugSettings = MetAugSettings()
+
+
+@register_method("metaug")
 class MetAug(Method):
+    Config = MetAugConfig
     zero3 = False  # the encoder scope needs whole weights for θ − ε·∇θ L; ZeRO 0-2 only
-    self_trained = ("generators",)
-    feature_aug_support = False  # OUCL, not InfoNCE: method.feature_aug is refused
 
     def __init__(self, cfg, generators: nn.ModuleList | None = None):
         """generators: one module per view mapping [B, D] to [B, D] (default: the released MLPs)."""
@@ -96,9 +126,14 @@ class MetAug(Method):
     def set_extra_state(self, state: dict) -> None:
         self.generator_optimizer.load_state_dict(state)
 
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The engine trains the encoder; the generators are the method's own (its Adam, in the meta step)."""
+        own = {id(p) for p in self.generators.parameters()}
+        return [{**g, "params": [p for p in g["params"] if id(p) not in own]} for g in super().param_groups(weight_decay)]
+
     @classmethod
-    def check_config(cls, cfg) -> None:
-        super().check_config(cfg)
+    def check(cls, cfg, world_size) -> None:
+        super().check(cfg, world_size)
         if cfg.model.compile:
             raise ValueError("method.name=metaug cannot run with model.compile=true: its meta step differentiates "
                              "twice (autograd.grad with create_graph), which compiled graphs do not support")

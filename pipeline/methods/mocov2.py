@@ -7,12 +7,16 @@ queries in contiguous groups, keys in shuffled ones); `batch_norm: sync` uses Sy
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from models.momentum import MomentumEncoder
 from pipeline.distributed import FeatureQueue, gather, shuffle_across_ranks, shuffled_order, unshuffle_across_ranks, world_size
-from pipeline.methods.base import Method
+from pipeline.methods import register_method
+from pipeline.methods.base import InfoNCEConfig, InfoNCEMethod
 
 
 def in_groups(encode, x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -20,12 +24,38 @@ def in_groups(encode, x: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.cat([encode(part) for part in x.chunk(groups)]) if groups > 1 else encode(x)
 
 
-class MoCoV2(Method):
+class MoCoV2Config(InfoNCEConfig):
+    queue_size: int = Field(65536, ge=1)
+    momentum: float = Field(0.999, ge=0.0, le=1.0)  # constant EMA momentum
+    batch_norm: Literal["shuffle", "sync", "local"] = "shuffle"  # how keys avoid BatchNorm leaks
+    shuffle_groups: int = Field(1, ge=1)  # ShuffleBN emulation: the key batch split into groups per rank
+
+
+@register_method("mocov2")
+class MoCoV2(InfoNCEMethod):
+    Config = MoCoV2Config
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.momentum_encoder = MomentumEncoder(self.online())
         self.queue = FeatureQueue(cfg.method.queue_size, cfg.model.projector.out_dim)
         self.momentum = cfg.method.momentum
+
+    @classmethod
+    def check(cls, cfg, world_size):
+        super().check(cfg, world_size)
+        method, batch = cfg.method, cfg.data.batch_size
+        if batch % method.shuffle_groups:
+            raise ValueError(f"method.shuffle_groups={method.shuffle_groups} must divide data.batch_size={batch}")
+        if method.queue_size < batch * world_size:
+            raise ValueError(
+                f"method.queue_size={method.queue_size} cannot hold one global batch of {batch * world_size} "
+                f"keys (data.batch_size={batch} x {world_size} ranks)"
+            )
+
+    def online(self) -> torch.nn.Sequential:
+        """Backbone then projector, as one module (a view: not registered a second time)."""
+        return torch.nn.Sequential(self.backbone, self.projector)
 
     def forward(self, views):
         x_q, x_k = self.prepare_views(views)

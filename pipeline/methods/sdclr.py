@@ -6,12 +6,28 @@ every `refresh_epochs` epochs) and has its own BatchNorm layers; both branches t
 from __future__ import annotations
 
 import torch.nn.functional as F
+from pydantic import Field
 
 from models.pruning import PrunedBranch
-from pipeline.methods.simclr import SimCLR
+from pipeline.config import Strict
+from pipeline.methods import register_method
+from pipeline.methods.base import Views
+from pipeline.methods.simclr import SimCLR, SimCLRConfig
 
 
+class SDCLRSettings(Strict):
+    prune_ratio: float = Field(0.9, gt=0.0, lt=1.0)
+    refresh_epochs: int = Field(1, ge=1)  # recompute the mask every N epochs
+
+
+class SDCLRConfig(SimCLRConfig):
+    sdclr: SDCLRSettings = SDCLRSettings()
+
+
+@register_method("sdclr")
 class SDCLR(SimCLR):
+    Config = SDCLRConfig
+    views = Views(global_views=2)  # one view per branch
     zero3 = False  # masks need whole weights on every rank
 
     def __init__(self, cfg):

@@ -10,14 +10,33 @@ both over keys gathered from all ranks (targets by global index). total = base +
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
-from pipeline.config import SDMPConfig
+import torch
+from pydantic import Field
+
+from pipeline.config import Strict
 from pipeline.data.mixing import METHODS, global_partner, mix, partner
 from pipeline.distributed import gather, gather_with_grad, rank
 from pipeline.losses import info_nce
-from pipeline.methods.mocov3 import MoCoV3
-from pipeline.methods.simclr import SimCLR
+from pipeline.methods import register_method
+from pipeline.methods.mocov3 import MoCoV3, MoCoV3Config
+from pipeline.methods.simclr import SimCLR, SimCLRConfig
+
+
+class SDMPSettings(Strict):
+    weight: float = Field(0.5, ge=0.0)  # total = base + weight * (mixed-vs-clean + mixed-vs-mixed)
+    alpha: float = Field(1.0, gt=0.0)  # lambda ~ Beta(alpha, alpha)
+    mix: Literal["random", "mixup", "cutmix", "resizemix"] = "random"  # one method per batch
+    loss: Literal["soft_ce", "log_mixture"] = "soft_ce"  # the paper's pseudo-code, or the released code's form
+
+
+class SDMPMoCoV3Config(MoCoV3Config):
+    sdmp: SDMPSettings = SDMPSettings()
+
+
+class SDMPSimCLRConfig(SimCLRConfig):
+    sdmp: SDMPSettings = SDMPSettings()
 
 
 def mixing_targets(lam_q: torch.Tensor, lam_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,7 +68,7 @@ class _Mixing:
     def mixed_pair(self, x1, x2):
         """Both views mixed with the same partners, λ and method; the method drawn per batch on the host
         (a CPU draw: no wait for the GPU, and only the chosen method runs)."""
-        sdmp: SDMPConfig = self.cfg.method.sdmp
+        sdmp: SDMPSettings = self.cfg.method.sdmp
         if getattr(self, "_mix_generator", None) is None or self._mix_generator.device != x1.device:
             seed = self.cfg.train.seed * 1009 + rank()
             self._mix_generator = torch.Generator(x1.device).manual_seed(seed)
@@ -68,26 +87,30 @@ class _Mixing:
         return loss, parts
 
 
+@register_method("sdmp_mocov3")
 class SDMPMoCoV3(_Mixing, MoCoV3):
+    Config = SDMPMoCoV3Config
+
     def forward(self, views):
-        x1, x2 = self.prepare_views(views)
-        q1, q2, k1, k2 = self.query(x1), self.query(x2), self.key(x1), self.key(x2)
-        loss_12, loss_21 = self.contrast(q1, k2), self.contrast(q2, k1)
+        x1, x2, *local = self.prepare_views(views)
+        base, parts, (_, k2) = self.clean_loss(x1, x2, *local)
         m1, m2, targets, w_clean, w_mixed = self.mixed_pair(x1, x2)
         qm = torch.nn.functional.normalize(self.query(m1).float(), dim=1)
         keys = {name: torch.nn.functional.normalize(gather(k).float(), dim=1) for name, k in (("clean", k2), ("mixed", self.key(m2)))}
         form, impl, scale = self.cfg.method.sdmp.loss, self.cfg.method.loss_impl, 2 * self.temperature
         against_clean = scale * soft_contrast(qm, keys["clean"], targets, w_clean, self.temperature, form, impl)
         against_mixed = scale * soft_contrast(qm, keys["mixed"], targets, w_mixed, self.temperature, form, impl)
-        parts = {"loss/q1k2": loss_12.detach(), "loss/q2k1": loss_21.detach()}
-        return self.combine(loss_12 + loss_21, against_clean, against_mixed, parts)
+        return self.combine(base, against_clean, against_mixed, parts)
 
 
+@register_method("sdmp_simclr")
 class SDMPSimCLR(_Mixing, SimCLR):
+    Config = SDMPSimCLRConfig
+
     def forward(self, views):
-        x1, x2 = self.prepare_views(views)
-        z1, z2 = self.embed(torch.cat([x1, x2])).chunk(2)
-        base = self.nt_xent(z1, z2)
+        x1, x2, *local = self.prepare_views(views)
+        z1, z2, *local = self.encode_by_size(self.embed, [x1, x2, *local])
+        base = self.nt_xent(z1, z2, local)
         m1, m2, targets, w_clean, w_mixed = self.mixed_pair(x1, x2)
         zm1, zm2 = self.embed(torch.cat([m1, m2])).chunk(2)
         form, impl = self.cfg.method.sdmp.loss, self.cfg.method.loss_impl
