@@ -162,16 +162,16 @@ def format_validation_error(error, prefix: str = "") -> str:
 
 class HeadConfig(Strict):
     """MLP head of `layers` Linear layers. Each hidden layer is followed by BatchNorm (`hidden_bn`) and ReLU;
-    the last one by `last_bn`: "none", "affine" (SimCLR's and SDCLR's heads: BatchNorm on every layer, the
-    output included) or "no_affine" (MoCo v3: a BatchNorm without scale and shift). A Linear followed by
-    BatchNorm has no bias (the BatchNorm's shift replaces it); `bias` gives the others one."""
+    the last one by `last_bn`: "none", "affine" (BatchNorm on every layer, the output included) or
+    "no_affine" (a BatchNorm without scale and shift). A Linear followed by BatchNorm has no bias (the
+    BatchNorm's shift replaces it); `bias` gives the others one. Each recipe states its method's head."""
 
     hidden_dim: int = Field(2048, ge=1)
     out_dim: int = Field(128, ge=1)
     layers: int = Field(2, ge=1, le=4)
-    hidden_bn: bool = True  # MoCo v2's head has none
+    hidden_bn: bool = True
     last_bn: Literal["none", "affine", "no_affine"] = "none"
-    bias: bool = True  # MoCo v3's heads have no bias anywhere
+    bias: bool = True
 
 
 class ModelConfig(Strict):

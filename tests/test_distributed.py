@@ -23,9 +23,9 @@ def assert_close_norm(got: torch.Tensor, expected: torch.Tensor, name: str, rel:
     assert error <= rel, f"{name}: relative error {error:.2e}"
 
 
-def global_views(seed: int) -> list[torch.Tensor]:
+def global_views(seed: int, sizes=(16, 16)) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g) for _ in range(2)]
+    return [torch.randn(GLOBAL_BATCH, 3, size, size, generator=g) for size in sizes]
 
 
 def local(views, rank, world):
@@ -34,16 +34,18 @@ def local(views, rank, world):
 
 
 FEATURE_AUG = "method.feature_aug={prototypes: 4, heads: 2, memory: 32}"
+MULTICROP = "data.views=[{size: 32}, {size: 32}, {size: 16}, {size: 16}]"  # 2 global + 2 local views
 
 
 def one_step_gradients(name: str, rank: int = 0, world: int = 1, *extra: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)  # the same initial weights on every rank
-    method = build_method(tiny_config(name, *extra))
+    cfg = tiny_config(name, *extra)
+    method = build_method(cfg)
     if method.contrast_keys.cfg is not None:  # give the attention weights a non-trivial start
         with torch.no_grad():
             for p in method.contrast_keys.attention.parameters():
                 p.add_(0.1 * torch.randn_like(p))
-    loss, _ = method(local(global_views(1), rank, world))
+    loss, _ = method(local(global_views(1, [r.size for r in cfg.data.view_recipes()]), rank, world))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
     for g in grads.values():  # the engine's gradient averaging over ranks
@@ -62,8 +64,9 @@ def _gradients_worker(rank, world, name, out, *extra):
 @pytest.mark.parametrize(
     "world, name, extra",
     [(2, "simclr", ()), (4, "simclr", ()), (2, "mocov3", ()), (4, "mocov3", ()),
-     (2, "simclr", (FEATURE_AUG,)), (2, "mocov3", (FEATURE_AUG,))],
-    ids=["simclr-2", "simclr-4", "mocov3-2", "mocov3-4", "simclr-feature_aug-2", "mocov3-feature_aug-2"],
+     (2, "simclr", (FEATURE_AUG,)), (2, "mocov3", (FEATURE_AUG,)), (2, "simclr", (MULTICROP,)), (2, "mocov3", (MULTICROP,))],
+    ids=["simclr-2", "simclr-4", "mocov3-2", "mocov3-4", "simclr-feature_aug-2", "mocov3-feature_aug-2",
+         "simclr-multicrop-2", "mocov3-multicrop-2"],
 )
 def test_gradients_equal_one_process_on_the_whole_batch(tmp_path, world, name, extra):
     spawn(_gradients_worker, world, name, str(tmp_path / "grads.safetensors"), *extra)
