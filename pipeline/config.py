@@ -6,6 +6,7 @@ global batch does not fit, a method ZeRO-3 cannot run) stop it before any proces
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -296,13 +297,20 @@ class ConfigError(ValueError):
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
+    """tree[a][b]... = value for "a.b..."; a number addresses an item of a list (data.views.0.size)."""
     *parents, leaf = dotted.split(".")
     node = tree
     for key in parents:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {key} is not a section")
-    node[leaf] = value
+        node = node[_list_index(node, key, dotted)] if isinstance(node, list) else node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{dotted}: {key} is a value, not a section")
+    node[_list_index(node, leaf, dotted) if isinstance(node, list) else leaf] = value
+
+
+def _list_index(items: list, key: str, dotted: str) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        raise ConfigError(f"{dotted}: {key!r} is not an item of a list of {len(items)}")
+    return int(key)
 
 
 def read_recipe(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -314,6 +322,7 @@ def read_recipe(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
+    tree = json.loads(json.dumps(tree))  # YAML anchors alias one object: an override must change one view only
     base = tree.pop("base", None)
     if base is None:
         return tree

@@ -93,3 +93,15 @@ def test_recipes_compose_with_base(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="includes itself"):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_overrides_address_list_items_and_anchored_views_stay_apart():
+    recipe = ROOT / "launch" / "configs" / "mocov2_resnet50_imagenet.yaml"  # view 2 is a YAML alias of view 1
+    with pytest.raises(ConfigError, match=r"global views need one size; data.views gives sizes \[32, 224\]"):
+        load_config(recipe, ["data.views.0.size=32"])  # only the first view changed, not its alias
+    cfg = load_config(recipe, ["data.views.0.size=32", "data.views.1.size=32"])
+    assert [v.size for v in cfg.data.view_recipes()] == [32, 32]
+    with pytest.raises(ConfigError, match="data.views.5.size: '5' is not an item of a list of 2"):
+        load_config(recipe, ["data.views.5.size=32"])
+    with pytest.raises(ConfigError, match="optim.lr.x: lr is a value, not a section"):
+        load_config(recipe, ["optim.lr.x=1"])
