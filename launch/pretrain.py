@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from data_shards.shards import ShardError, check_shard_set  # noqa: E402
+from data_shards.shards import ShardError, check_shard_set, shared_class_names  # noqa: E402
 from pipeline.config import ConfigError, load_config  # noqa: E402
 import pipeline.methods  # noqa: E402,F401  (registers the methods the configuration is validated against)
 
@@ -70,6 +70,8 @@ def main(argv=None) -> int:
             raise ConfigError("no training data: pass --data SHARDS or set train.data")
         for folder in filter(None, (cfg.train.data, cfg.train.val_data)):
             check_shard_set(folder)
+        if cfg.train.val_data:  # the kNN monitor compares their labels: one create run, the same classes
+            shared_class_names(cfg.train.data, cfg.train.val_data)
     except (ConfigError, ShardError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

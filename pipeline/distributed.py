@@ -96,7 +96,7 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
 @torch.no_grad()
 def shuffled_order(global_rows: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
     """A permutation of the global batch, the same on every rank (drawn on rank 0, broadcast)."""
-    perm = torch.randperm(global_rows, generator=generator).to(device)
+    perm = torch.randperm(global_rows, generator=generator, device=device)  # drawn where it is used: no host copy
     if is_distributed():
         dist.broadcast(perm, src=0)
     return perm

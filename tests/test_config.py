@@ -105,3 +105,12 @@ def test_overrides_address_list_items_and_anchored_views_stay_apart():
         load_config(recipe, ["data.views.5.size=32"])
     with pytest.raises(ConfigError, match="optim.lr.x: lr is a value, not a section"):
         load_config(recipe, ["optim.lr.x=1"])
+
+
+def test_pretrain_refuses_a_train_and_val_pair_from_different_runs(small_shards, tmp_path):
+    from conftest import image_folder, make_shards, random_images
+
+    other = make_shards(image_folder(tmp_path / "src", random_images(12, seed=5)), tmp_path / "other")
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--data", str(small_shards), "--val-data", str(other)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "different data_shards.create runs" in out.stderr
