@@ -76,13 +76,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from pipeline.checkpoint import CheckpointError
-    from pipeline.train import train  # imports DeepSpeed; only once the configuration is known good
+    from pipeline.train import NonFiniteLoss, train  # imports DeepSpeed; only once the configuration is known good
 
     try:
         train(cfg)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,6 +5,7 @@ encoders, evaluation features, hooks, and a forward that gives (loss, parts)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -26,6 +27,7 @@ from pipeline.config import Config
 from pipeline.data.loader import ShardLoader
 from pipeline.data.preview import view_grid
 from pipeline.eval import extract_features, knn_accuracy
+from pipeline.losses.checks import NonFiniteInput
 from pipeline.methods import build_method
 
 PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
@@ -81,6 +83,19 @@ def build_optimizer(method, cfg: Config, world_size: int, total_steps: int, step
         warmup_prefix=True, t_in_epochs=False,
     )
     return optimizer, scheduler
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: the run stops without saving, so the last complete checkpoint stays
+    the one `--resume auto` takes."""
+
+
+def check_finite(step: int, values: dict[str, float]) -> None:
+    bad = {k: v for k, v in values.items() if k.startswith("loss/") and not math.isfinite(v)}
+    if bad:
+        parts = ", ".join(f"{k}={v}" for k, v in values.items() if k.startswith("loss/"))
+        raise NonFiniteLoss(f"step {step}: the loss is not finite ({parts}); nothing was saved after the last "
+                            "checkpoint, which --resume auto takes (lower optim.lr, or set optim.grad_clip)")
 
 
 class Meter:
@@ -296,7 +311,11 @@ def train(cfg: Config) -> Path:
                 log.views(views, cfg.data.view_recipes())
             if micro == 0:
                 step_values = method.before_step(step)
-            loss, parts = engine(views)
+            try:
+                loss, parts = engine(views)
+            except NonFiniteInput as e:  # the loss's own checks (CPU inputs) see it before the log does
+                raise NonFiniteLoss(f"step {step + 1}: the loss is not finite ({e}); nothing was saved after the last "
+                                    "checkpoint, which --resume auto takes (lower optim.lr, or set optim.grad_clip)") from None
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
             micro = 0 if boundary else micro + 1
@@ -325,6 +344,7 @@ def train(cfg: Config) -> Path:
                 if device.type == "cuda":
                     values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 log.scalars(step, values)
+                check_finite(step, values)
             if step % cfg.train.checkpoint_every == 0 and step < last_step:
                 path = save(step)
             if step == last_step:

@@ -132,3 +132,13 @@ def test_two_simulated_nodes_train_checkpoint_and_resume(small_shards, tmp_path)
     assert complete_checkpoints(out / "checkpoints")[-1].name == "step-00000002"
     outputs = both_nodes(4)
     assert "resumed from" in outputs[0] and complete_checkpoints(out / "checkpoints")[-1].name == "step-00000004"
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(small_shards, tmp_path):
+    args = ["optim.name=adamw", "optim.lr=1e30", "optim.warmup_epochs=0", "engine.precision=fp32",
+            "train.checkpoint_every=1", "train.keep_checkpoints=5", "--max-steps", "6"]
+    out = subprocess.run([sys.executable, *tiny_run(small_shards, tmp_path / "run", *args)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1 and "the loss is not finite (" in out.stderr, out.stderr[-2000:]
+    step = int(out.stderr.split("error: step ")[1].split(":")[0])
+    saved = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert saved and saved[-1].name == f"step-{step - 1:08d}"  # every finite step saved, nothing after

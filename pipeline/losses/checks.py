@@ -83,9 +83,13 @@ def value_checks_enabled(*tensors: torch.Tensor | None) -> bool:
     return torch.is_anomaly_enabled() or all(t.device.type == "cpu" for t in tensors if t is not None)
 
 
+class NonFiniteInput(ValueError):
+    """A loss was given NaN or infinite features (the training loop reports it with the step)."""
+
+
 def check_finite(name: str, x: torch.Tensor | None) -> None:
     if x is not None and not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        raise NonFiniteInput(f"{name} contains non-finite values (NaN or inf)")
 
 
 def check_index_range(name: str, index: torch.Tensor | None, size: int) -> None:
