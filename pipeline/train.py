@@ -257,8 +257,10 @@ def train(cfg: Config) -> Path:
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
     step = 0
     if resume_from is not None:
-        checkpoint.load_engine_state(engine, resume_from, load_from, module_only,  # weights only
-                                     universal=bool(ds_config.get("checkpoint", {}).get("load_universal")))
+        engine.load_checkpoint(str(load_from), tag=resume_from.name, load_lr_scheduler_states=False,
+                               load_module_only=module_only)
+        if ds_config.get("checkpoint", {}).get("load_universal"):
+            checkpoint.restore_untrained_state(engine.module, resume_from)
         step = meta["step"]
         if saved is not None:
             checkpoint.set_rng_state(saved["rng"])

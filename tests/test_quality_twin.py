@@ -45,6 +45,9 @@ def test_default_run_matches_its_plain_twin_step_by_step(digits, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kNN top-1 after epoch 1" in done.stdout
     ours = logged_losses(tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"run/command/text_summary", "run/git_revision/text_summary", "run/config/text_summary"} <= set(events.Tags()["tensors"])
 
     cfg = load_config(ROOT / "launch" / "configs" / "default.yaml", overrides)
     model = plain_twin(cfg)
