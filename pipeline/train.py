@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.utils.tensorboard import SummaryWriter
@@ -156,6 +158,16 @@ class Logger:
         else:
             print(f"step {step}: {text}", flush=True)
 
+    def run_text(self, cfg: Config) -> None:
+        """The command line, the git revision and the full configuration, as TensorBoard text."""
+        if not self.active:
+            return
+        root = Path(__file__).resolve().parents[1]
+        rev = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True)
+        self.writer.add_text("run/command", " ".join(sys.argv), 0)
+        self.writer.add_text("run/git_revision", rev.stdout.strip() or "not a git checkout", 0)
+        self.writer.add_text("run/config", "    " + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).replace("\n", "\n    "), 0)
+
     def views(self, views: list[torch.Tensor], recipes) -> None:
         if self.active:
             grid = view_grid(views, recipes, min(8, views[0].shape[0]))
@@ -257,10 +269,8 @@ def train(cfg: Config) -> Path:
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
     step = 0
     if resume_from is not None:
-        engine.load_checkpoint(str(load_from), tag=resume_from.name, load_lr_scheduler_states=False,
-                               load_module_only=module_only)
-        if ds_config.get("checkpoint", {}).get("load_universal"):
-            checkpoint.restore_untrained_state(engine.module, resume_from)
+        checkpoint.load_engine_state(engine, resume_from, load_from, module_only,  # weights only
+                                     universal=bool(ds_config.get("checkpoint", {}).get("load_universal")))
         step = meta["step"]
         if saved is not None:
             checkpoint.set_rng_state(saved["rng"])
@@ -272,6 +282,7 @@ def train(cfg: Config) -> Path:
         engine.compile()
 
     log = Logger(cfg, output, rank, last_step, step)
+    log.run_text(cfg)
     log.say(f"{world_size} rank(s) on {device.type}; {len(loader)} batches of {cfg.data.batch_size} per rank per epoch; "
             f"{total_steps} steps in all" + (f"; resumed from {resume_from} at step {step}" if resume_from else ""))
     if resume_from is not None and saved is None:
