@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import pipeline.methods  # noqa: E402,F401  (registers the methods a checkpoint's configuration names)
 from pipeline.finetune import main  # noqa: E402
 
 if __name__ == "__main__":
