@@ -2,6 +2,7 @@
 
 import os
 import socket
+from datetime import timedelta
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -13,16 +14,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, args):
+def _entry(rank, fn, world_size, port, timeout, args):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    extra = {"timeout": timedelta(seconds=timeout)} if timeout else {}
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, **extra)
     try:
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
 
 
-def spawn(fn, world_size: int, *args) -> None:
-    """fn(rank, world_size, *args) on each rank; `fn` must be a module-level function."""
-    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+def spawn(fn, world_size: int, *args, timeout: float | None = None) -> None:
+    """fn(rank, world_size, *args) on each rank; `fn` must be a module-level function. `timeout` (seconds):
+    a rank stuck in a collective fails after it instead of hanging."""
+    mp.spawn(_entry, args=(fn, world_size, free_port(), timeout, args), nprocs=world_size, join=True)

@@ -10,15 +10,14 @@ import os
 import shutil
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import tiny_config
+import distributed_utils
 from distributed_utils import free_port
 from pipeline import checkpoint
 
@@ -80,19 +79,9 @@ def load_launch(name: str):
     return module
 
 
-def _entry(rank, fn, world_size, port, args):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=90))
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-
-
 def spawn(fn, world_size: int, *args) -> None:
-    """fn(rank, world_size, *args) on gloo ranks; a rank stuck in a collective times out after 90 s."""
-    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+    """On gloo ranks; a rank stuck in a collective times out after 90 s."""
+    distributed_utils.spawn(fn, world_size, *args, timeout=90)
 
 
 def tiny_engine(world: int):
