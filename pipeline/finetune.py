@@ -24,6 +24,10 @@ shared/docs/METHODS.md): N labels per class, the rest of the training shards unl
   features AugF sees once those statistics have settled: a pretrained backbone, not a random one).
 - Losses (pipeline.losses.featmatch): L = L_clf + λ_g·L_con-g + λ_f·L_con-f with FixMatch-style hard
   pseudo-labels from the weak view through AugF, kept where the confidence reaches `--threshold`.
+- Optimisation. timm's SGD (Nesterov, momentum 0.9) over timm's weight-decay groups (no decay on biases,
+  norms and the backbone's `no_weight_decay()` tokens), one pair of groups per part (backbone at
+  `--backbone-lr-scale` x lr, AugF, classifier); timm's `CosineLRScheduler` per step: `--warmup-epochs` of
+  linear warm-up (none by default), then cosine decay to 0 over the remaining steps (as pipeline/train.py).
 - Evaluation. Top-1 on --val after every epoch (a JSON line on stderr) with AugF ("val_top1", the paper's
   prediction) and without it ("val_top1_plain": backbone + classifier alone); the final JSON on stdout.
   `--output DIR` writes the fine-tuned classifier as a timm folder (config.json + model.safetensors, the
@@ -35,66 +39,28 @@ One process, on a GPU when there is one (bf16 autocast), else the CPU.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import sys
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
 
 from data_shards.shards import ShardError, shared_class_names
 from models.export import timm_config
 from models.prototypes import FeatureMemory, PrototypeAttention
-from pipeline.checkpoint import CheckpointError, read_meta
+from pipeline.checkpoint import read_meta
 from pipeline.config import Blur, ColorJitter, Config, DataConfig, ViewRecipe
 from pipeline.data.loader import ShardLoader
 from pipeline.frozen import eval_data_config, load_backbone
-from pipeline.eval import balanced_accuracy, top1_accuracy, train_linear_probe
+from pipeline.eval import balanced_accuracy, extract_features, top1_accuracy, train_linear_probe
 from pipeline.losses.featmatch import featmatch_loss
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="launch/finetune.py", description="FeatMatch semi-supervised fine-tuning")
-    p.add_argument("--backbone", required=True, help="local-dir:FOLDER (an export) or a checkpoint folder")
-    p.add_argument("--train", required=True, help="labeled training shards (N labels per class are kept)")
-    p.add_argument("--val", required=True, help="labeled shards to score")
-    p.add_argument("--labels-per-class", type=int, required=True, metavar="N")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=256, help="images per step (each gives a weak and a strong view)")
-    p.add_argument("--lr", type=float, default=0.03, help="SGD (Nesterov, momentum 0.9) with cosine decay to 0")
-    p.add_argument("--backbone-lr-scale", type=float, default=1.0, help="backbone lr = lr x this")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="on weights, not on biases and norms")
-    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
-    p.add_argument("--threshold", type=float, default=0.95, help="pseudo-label confidence for the consistency losses")
-    p.add_argument("--lambda-g", type=float, default=1.0, help="weight of L_con-g (strong view through AugF)")
-    p.add_argument("--lambda-f", type=float, default=1.0, help="weight of L_con-f (strong view without AugF)")
-    p.add_argument("--heads", type=int, default=4, help="attention heads of AugF")
-    p.add_argument("--prototypes-per-class", type=int, default=20)
-    p.add_argument("--prototype-threshold", type=float, default=None,
-                   help="pseudo-label confidence for an unlabeled feature to join its class's k-means (default: --threshold)")
-    p.add_argument("--kmeans-iters", type=int, default=20)
-    p.add_argument("--memory-refresh", choices=("train", "pass"), default="train",
-                   help="train: weak-view features recorded during the epoch; pass: an evaluation pass after it")
-    p.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=False,
-                   help="start the classifier as a linear probe on the labeled features (default off)")
-    p.add_argument("--seed", type=int, default=0, help="labeled subset, initialisation, augmentation, k-means")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--output", type=Path, default=None, help="write the fine-tuned classifier here")
-    args = p.parse_args(argv)
-    if args.labels_per_class < 1 or args.epochs < 1 or args.batch_size < 2 or args.heads < 1:
-        p.error("--labels-per-class, --epochs and --heads must be positive, --batch-size at least 2")
-    if args.prototypes_per_class < 1 or args.kmeans_iters < 0:
-        p.error("--prototypes-per-class must be positive and --kmeans-iters >= 0")
-    if not 0 <= args.threshold <= 1 or not 0 <= (args.prototype_threshold or 0) <= 1:
-        p.error("thresholds are probabilities in [0, 1]")
-    if args.prototype_threshold is None:
-        args.prototype_threshold = args.threshold
-    return args
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -155,24 +121,29 @@ class FeatMatchNet(nn.Module):
         return f, logits_f, self.classifier(self.augf(f, self.prototypes))
 
 
+class _Rows(nn.Module):
+    """[f, logits of f, logits of AugF(f), 1] per image, for `extract_features`: it L2-normalises each row,
+    and the last column (1 / the row's norm) undoes that, to float rounding."""
+
+    def __init__(self, model: FeatMatchNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f, logits_f, logits_g = self.model(x)
+        ones = torch.ones(f.shape[0], 1, device=f.device)
+        return torch.cat([f.float(), logits_f.float(), logits_g.float(), ones], 1)
+
+
 def collect(model: FeatMatchNet, loader: ShardLoader, device, autocast: dict) -> dict[str, torch.Tensor]:
-    """One evaluation epoch in eval mode: raw features and both logits of every sample, by global index."""
-    was_training = model.training
-    model.eval()
-    out: dict[str, list] = {"features": [], "logits_f": [], "logits_g": [], "labels": [], "indices": [], "valid": []}
-    with torch.no_grad(), torch.autocast(**autocast):
-        for batch in loader:
-            f, logits_f, logits_g = model(batch.views[0].to(device, non_blocking=True))
-            for key, value in (("features", f), ("logits_f", logits_f), ("logits_g", logits_g)):
-                out[key].append(value.float())
-            out["labels"].append(batch.labels)
-            out["indices"].append(batch.indices)
-            out["valid"].append(batch.valid)
-    model.train(was_training)
-    keep = torch.cat(out.pop("valid")).to(device)
-    result = {k: torch.cat(v).to(device)[keep] for k, v in out.items()}
-    order = result["indices"].argsort()
-    return {k: v[order] for k, v in result.items()}
+    """One evaluation epoch (`pipeline.eval.extract_features`, so in eval mode, padding rows dropped, in
+    sample order): raw features and both logits of every sample, with its label and global index."""
+    dtype = autocast["dtype"] if autocast["enabled"] else None
+    rows, labels, indices = extract_features(_Rows(model), loader, device, dtype=dtype)
+    rows = rows[:, :-1] / rows[:, -1:]
+    dim, num_classes = model.classifier.in_features, model.classifier.out_features
+    features, logits_f, logits_g = rows.split([dim, num_classes, num_classes], dim=1)
+    return {"features": features, "logits_f": logits_f, "logits_g": logits_g, "labels": labels, "indices": indices}
 
 
 def warm_start(model: FeatMatchNet, features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int) -> None:
@@ -193,15 +164,27 @@ def memory_labels(true_labels: torch.Tensor, pseudo: torch.Tensor, confidence: t
 
 
 def optimizer_groups(model: FeatMatchNet, lr: float, backbone_scale: float, weight_decay: float) -> list[dict]:
-    """SGD groups: the backbone at lr x backbone_scale; weight decay on weights, not on biases and norms."""
+    """timm's weight-decay groups (none on biases, norms and the backbone's `no_weight_decay()` tokens) for
+    each part, the backbone's at lr x backbone_scale, AugF's and the classifier's at lr."""
     groups = []
     for part, scale in ((model.backbone, backbone_scale), (model.augf, 1.0), (model.classifier, 1.0)):
-        named = [(n, p) for n, p in part.named_parameters() if p.requires_grad]
-        decay = [p for n, p in named if p.ndim > 1 and not n.endswith("bias")]
-        rest = [p for n, p in named if not (p.ndim > 1 and not n.endswith("bias"))]
-        groups += [{"params": decay, "lr": lr * scale, "weight_decay": weight_decay},
-                   {"params": rest, "lr": lr * scale, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        tokens = set(getattr(part, "no_weight_decay", set)())
+        for group in param_groups_weight_decay(part, weight_decay, no_weight_decay_list=tokens):
+            groups.append({**group, "lr": lr * scale})
+    return groups
+
+
+def build_optimizer(model: FeatMatchNet, args: Namespace, total_steps: int, steps_per_epoch: int):
+    """timm SGD (Nesterov, momentum 0.9) and a per-step CosineLRScheduler: linear warm-up over
+    `args.warmup_epochs`, then cosine to 0 over the remaining steps (as pipeline/train.py's)."""
+    optimizer = create_optimizer_v2(optimizer_groups(model, args.lr, args.backbone_lr_scale, args.weight_decay),
+                                    opt="sgd", lr=args.lr, weight_decay=args.weight_decay, momentum=0.9)
+    warmup = min(int(args.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=total_steps - warmup, lr_min=0.0, warmup_t=warmup, warmup_lr_init=args.lr * 1e-3,
+        warmup_prefix=True, t_in_epochs=False,
+    )
+    return optimizer, scheduler
 
 
 def save_output(out: Path, model: FeatMatchNet, config: dict, num_classes: int, result: dict, class_names: list[str]) -> None:
@@ -230,7 +213,10 @@ def save_output(out: Path, model: FeatMatchNet, config: dict, num_classes: int, 
 # ------------------------------------------------------------------------------------------- the run
 
 
-def finetune(args: argparse.Namespace) -> dict:
+def finetune(args: Namespace) -> dict:
+    """Fine-tune as `args` says (the options of launch/finetune.py, by their attribute names) and return the
+    result that launch/finetune.py prints; raises ShardError, CheckpointError, OSError, ValueError or
+    FloatingPointError (divergence) on bad input."""
     start_time = time.time()
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -287,10 +273,9 @@ def finetune(args: argparse.Namespace) -> dict:
 
     refresh_prototypes(0)
     initial = evaluate()
-    opt = torch.optim.SGD(optimizer_groups(model, args.lr, args.backbone_lr_scale, args.weight_decay),
-                          lr=args.lr, momentum=0.9, nesterov=True)
     total_steps = args.epochs * len(train_loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    opt, schedule = build_optimizer(model, args, total_steps, len(train_loader))
+    step = 0
 
     history = []
     model.train()
@@ -312,7 +297,8 @@ def finetune(args: argparse.Namespace) -> dict:
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
-            schedule.step()
+            step += 1
+            schedule.step_update(step)
             if args.memory_refresh == "train":
                 memory.update(indices, f[:b].float(),
                               memory_labels(labels, loss.pseudo_labels, loss.confidence, args.prototype_threshold),
@@ -364,17 +350,3 @@ def finetune(args: argparse.Namespace) -> dict:
     if args.output is not None:
         save_output(args.output, model, config, num_classes, result, class_names)
     return result
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print("error: launch/finetune.py runs as one process (WORLD_SIZE > 1 given)", file=sys.stderr)
-        return 2
-    try:
-        result = finetune(args)
-    except (CheckpointError, ShardError, OSError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=1))
-    return 0

@@ -1,8 +1,12 @@
 """FeatMatch: k-means prototypes, the prototype-attention module (AugF), the three losses, and
 semi-supervised fine-tuning end to end on a tiny shard set (CPU)."""
 
+import importlib.util
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,10 +207,22 @@ def test_featmatch_loss_without_labeled_or_unlabeled_rows_and_shape_errors():
 # ---------------------------------------------------------------------------------- fine-tuning, end to end
 
 
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch" / "finetune.py"
+
+
 def finetune_module():
     from pipeline import finetune
 
     return finetune
+
+
+def launch_module():
+    """launch/finetune.py, the entry point (argument parsing; the loop is pipeline.finetune)."""
+    spec = importlib.util.spec_from_file_location("launch_finetune", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_labeled_subset_is_seeded_by_global_index():
@@ -269,7 +285,7 @@ def tiny_backbone(tmp_path_factory):
 def test_finetune_learns_from_few_labels(colour_shards, tiny_backbone, tmp_path, capsys):
     import timm
 
-    finetune = finetune_module()
+    finetune = launch_module()
     out = tmp_path / "out"
     argv = ["--backbone", f"local-dir:{tiny_backbone}", "--train", str(colour_shards / "train"),
             "--val", str(colour_shards / "val"), "--labels-per-class", "2", "--epochs", "6", "--batch-size", "12",
@@ -287,3 +303,58 @@ def test_finetune_learns_from_few_labels(colour_shards, tiny_backbone, tmp_path,
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert model(torch.randn(2, 3, 24, 24)).shape == (2, 3)
     assert (out / "augf.safetensors").is_file() and (out / "result.json").is_file()
+
+
+def test_optimizer_uses_timm_groups_per_part_and_the_train_schedule():
+    finetune = finetune_module()
+    backbone = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    backbone.num_features = 8
+    net = finetune.FeatMatchNet(backbone, 3, heads=2)
+    args = launch_module().parse_args(["--backbone", "x", "--train", "t", "--val", "v", "--labels-per-class", "1",
+                                       "--lr", "0.1", "--backbone-lr-scale", "0.5", "--weight-decay", "0.01"])
+    assert args.warmup_epochs == 0
+    opt, sched = finetune.build_optimizer(net, args, total_steps=10, steps_per_epoch=5)
+    assert isinstance(opt, torch.optim.SGD) and all(g["nesterov"] and g["momentum"] == 0.9 for g in opt.param_groups)
+    decay_of = {id(p): (g["weight_decay"], g["lr"]) for g in opt.param_groups for p in g["params"]}
+    assert len(decay_of) == sum(1 for _ in net.parameters())
+    assert decay_of[id(backbone[0].weight)] == (0.01, 0.05) and decay_of[id(backbone[0].bias)] == (0.0, 0.05)
+    assert decay_of[id(backbone[1].weight)] == (0.0, 0.05)  # a norm's scale: no weight decay
+    assert decay_of[id(net.classifier.weight)] == (0.01, 0.1) and decay_of[id(net.classifier.bias)] == (0.0, 0.1)
+    # No warm-up: cosine from lr to 0 over every step, per group (what the hand-written LambdaLR gave).
+    lrs = []
+    for step in range(1, 11):
+        sched.step_update(step)
+        lrs.append([g["lr"] for g in opt.param_groups])
+    for step, row in enumerate(lrs, 1):
+        factor = 0.5 * (1 + math.cos(math.pi * step / 10))
+        assert row == pytest.approx([g["initial_lr"] * factor for g in opt.param_groups], abs=1e-12)
+    # With warm-up: linear to lr over the warm-up steps, then cosine over the remaining ones.
+    args.warmup_epochs = 0.4
+    opt, sched = finetune.build_optimizer(net, args, total_steps=10, steps_per_epoch=5)
+    head = opt.param_groups[-1]  # the classifier's, at lr
+    sched.step_update(0)
+    assert head["lr"] == pytest.approx(0.1 * 1e-3)
+    sched.step_update(2)
+    assert head["lr"] == pytest.approx(0.1)
+    sched.step_update(6)
+    assert head["lr"] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+
+
+def test_launch_finetune_runs_end_to_end(colour_shards, tiny_backbone, tmp_path):
+    """`python launch/finetune.py` as a user runs it: one epoch on the tiny set, JSON on stdout."""
+    cmd = [sys.executable, str(LAUNCH), "--backbone", f"local-dir:{tiny_backbone}", "--train", str(colour_shards / "train"),
+           "--val", str(colour_shards / "val"), "--labels-per-class", "2", "--epochs", "1", "--batch-size", "12",
+           "--warmup-epochs", "0.5", "--prototypes-per-class", "2", "--heads", "2", "--device", "cpu",
+           "--output", str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["labeled_images"] == 6 and len(result["epochs"]) == 1 and math.isfinite(result["epochs"][0]["loss"])
+    assert result["settings"]["warmup_epochs"] == 0.5
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    # Bad input: a clear error and exit status 2, from the entry point.
+    missing = subprocess.run(cmd[:4] + ["--train", str(tmp_path / "none")] + cmd[6:], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=600)
+    assert missing.returncode == 2 and "error:" in missing.stderr and "none" in missing.stderr
+    bad = subprocess.run(cmd + ["--warmup-epochs", "-1"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert bad.returncode == 2 and "--warmup-epochs" in bad.stderr
