@@ -258,7 +258,7 @@ def _needed_mb(items: list[Item]) -> int:
     for item in items:
         try:
             total += item.size if item.size >= 0 else os.path.getsize(item.path)
-        except OSError:
+        except OSError:  # unreadable: it is reported (and skipped) when it is decoded, and takes no space
             pass
         total += 4 * 512 + 200  # tar headers, padding and index line of a sample
     return math.ceil(total / 2**20)

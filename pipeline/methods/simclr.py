@@ -13,7 +13,7 @@ from pipeline.methods.base import InfoNCEConfig, InfoNCEMethod, Views
 
 
 class SimCLRConfig(InfoNCEConfig):
-    pass
+    """SimCLR has the InfoNCE settings only; SDMP's and SDCLR's configurations extend this class."""
 
 
 @register_method("simclr", default=True)
