@@ -61,9 +61,12 @@ def timm_spec(cfg: ModelConfig, img_size: int, dynamic_size: bool = False) -> tu
     return cfg.backbone, args
 
 
-def create_backbone(cfg: ModelConfig, img_size: int, dynamic_size: bool = False) -> nn.Module:
-    """A timm backbone without classifier (forward gives pooled features of size `num_features`)."""
+def create_backbone(cfg: ModelConfig, img_size: int, dynamic_size: bool = False, **model_args) -> nn.Module:
+    """A timm backbone without classifier (forward gives pooled features of size `num_features`).
+    `model_args` go to timm on top of the recipe's (e.g. `in_chans=1` for an encoder of one channel). The
+    model records its spec as `timm_spec`, which checkpoints keep and export writes."""
     name, args = timm_spec(cfg, img_size, dynamic_size)
+    args.update(model_args)
     try:
         model = timm.create_model(name, pretrained=False, **args)
     except RuntimeError as e:  # timm's "Unknown model"
@@ -72,4 +75,5 @@ def create_backbone(cfg: ModelConfig, img_size: int, dynamic_size: bool = False)
         model.patch_embed.requires_grad_(False)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    model.timm_spec = {"architecture": name, "model_args": args}
     return model
