@@ -183,6 +183,10 @@ class ModelConfig(Strict):
     projector: HeadConfig = HeadConfig()
     predictor: HeadConfig | None = None
     freeze_patch_embed: bool = False  # ViTs: keep the random patch projection fixed (MoCo v3)
+    # ViTs: "mocov3" as moco-v3's vits.py: a fixed 2-D sin-cos position embedding, xavier-uniform weights
+    # (q, k, v as three matrices), zero biases, class token N(0, 1e-6)
+    vit_init: Literal["timm", "mocov3"] = "timm"
+    backbone_args: dict[str, int | float | bool | str] = {}  # more timm.create_model arguments (num_heads: 12)
     channels_last: bool = True  # CNNs only
     grad_checkpointing: bool = False
     compile: bool = False
@@ -232,6 +236,7 @@ class OptimConfig(Strict):
     lr: float = Field(0.3, gt=0.0)  # per 256 images of global batch when scale_lr
     scale_lr: bool = True
     weight_decay: float = Field(1e-4, ge=0.0)
+    no_decay_norm_bias: bool = True  # timm's groups: no decay (nor LARS adaptation) on norms, biases, ViT tokens; false: all decay
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd, lars
     betas: tuple[float, float] = (0.9, 0.999)  # adamw
     warmup_epochs: float = Field(10.0, ge=0.0)
@@ -283,6 +288,11 @@ class Config(Strict):
     def _consistent(self):
         if self.model.freeze_patch_embed and "vit" not in self.model.backbone:
             raise ValueError(f"model.freeze_patch_embed needs a ViT backbone, got {self.model.backbone}")
+        if self.model.vit_init != "timm" and "vit" not in self.model.backbone:
+            raise ValueError(f"model.vit_init={self.model.vit_init} needs a ViT backbone, got {self.model.backbone}")
+        owned = {"num_classes", "img_size", "dynamic_img_size", "drop_path_rate", "base"} & set(self.model.backbone_args)
+        if owned:
+            raise ValueError(f"model.backbone_args cannot set {sorted(owned)}: the pipeline sets them (model.img_size, model.drop_path_rate)")
         if self.model.cifar_stem and "resnet" not in self.model.backbone:
             raise ValueError(f"model.cifar_stem needs a ResNet backbone, got {self.model.backbone}")
         return self
