@@ -69,8 +69,11 @@ class Method(nn.Module):
             raise ValueError("model.compile cannot run under engine.zero_stage=3: its parameter gathering breaks the graphs")
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """What the engine's optimizer trains: timm's groups (no weight decay on norms, biases, ViT tokens)
-        over every parameter that requires a gradient."""
+        """What the engine's optimizer trains: every parameter that requires a gradient, in timm's groups
+        (no weight decay on norms, biases, ViT tokens) when `optim.no_decay_norm_bias`, else in one group
+        that all decays (moco-v3's AdamW, MoCo v2's and SDCLR's SGD)."""
+        if not self.cfg.optim.no_decay_norm_bias:
+            return [{"params": [p for p in self.parameters() if p.requires_grad], "weight_decay": weight_decay}]
         tokens = {f"backbone.{name}" for name in getattr(self.backbone, "no_weight_decay", set)()}
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=tokens)
 
