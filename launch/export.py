@@ -1,5 +1,7 @@
 """python launch/export.py CHECKPOINT OUT: write the online backbone of a checkpoint as a folder that
-`timm.create_model("local-dir:OUT", pretrained=True)` loads (config.json, model.safetensors, README.md)."""
+`timm.create_model("local-dir:OUT", pretrained=True)` loads (config.json, model.safetensors, README.md).
+A method with several encoders (CMC) gets one such folder per encoder, OUT/NAME, and OUT/features.json,
+from which launch/evaluate.py rebuilds the method's evaluation features."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pipeline.methods  # noqa: E402,F401  (registers the methods a checkpoint's configuration names)
-from pipeline.checkpoint import CheckpointError, export_backbone  # noqa: E402
+from pipeline.checkpoint import CheckpointError, export_encoders  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -20,11 +22,13 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path)
     args = p.parse_args(argv)
     try:
-        export_backbone(args.checkpoint, args.out)
+        export_encoders(args.checkpoint, args.out)
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.out}: timm.create_model('local-dir:{args.out}', pretrained=True)")
+    folders = sorted(p.parent for p in args.out.glob("*/config.json")) or [args.out]
+    for folder in folders:
+        print(f"{folder}: timm.create_model('local-dir:{folder}', pretrained=True)")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Checkpoints: DeepSpeed's state (model with momentum encoder and queue, optimizer, ZeRO partitions) plus
 what DeepSpeed does not keep: each rank's data position and random states, the run's step and config,
-and the online backbone as safetensors (what export and evaluation read; no pickle there).
+and each encoder the method exports as safetensors, `ENCODER.safetensors` (what export and evaluation
+read; no pickle there; `backbone.safetensors` for most methods).
 
 A checkpoint is the folder CKPT_DIR/step-NNNNNNNN, complete exactly when its `meta.json` is there: every
 rank writes into a staging folder (CKPT_DIR/.staging-step-NNNNNNNN/step-NNNNNNNN), rank 0 then records each
@@ -37,7 +38,6 @@ from models.export import write_timm_folder
 from pipeline.config import Config
 
 META = "meta.json"
-BACKBONE = "backbone.safetensors"
 STAGING = ".staging-"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -288,9 +288,13 @@ def _tensor_bytes(value) -> int:
     return 0
 
 
-def _needed_bytes(engine, folder: Path, backbone_state: dict | None) -> int:
+def encoder_file(name: str) -> str:
+    return f"{name}.safetensors"
+
+
+def _needed_bytes(engine, folder: Path, encoder_states: dict | None) -> int:
     """About what one checkpoint takes: the newest complete one's recorded size, else the module, the
-    optimizer state of every rank and the backbone."""
+    optimizer state of every rank and the encoders."""
     for path in reversed(complete_checkpoints(folder)):
         try:
             files = read_meta(path).get("files")
@@ -302,7 +306,7 @@ def _needed_bytes(engine, folder: Path, backbone_state: dict | None) -> int:
     module = sum(_tensor_bytes(t) for t in engine.module.state_dict().values())
     optim = getattr(engine, "optimizer", None)
     state = _tensor_bytes(list(getattr(optim, "state", {}).values())) if optim is not None else 0
-    return module + state * world + _tensor_bytes(backbone_state or {})
+    return module + state * world + _tensor_bytes(encoder_states or {})
 
 
 def _describe_failure(e: BaseException, folder: Path, tag: str, needed: int) -> str:
@@ -363,15 +367,16 @@ def recover(folder: Path) -> None:
                 pass  # another rank did it, or it cannot be done: the step folder decides
 
 
-def save(engine, folder: Path, step: int, rank: int, rank_state: dict, meta: dict, backbone_state: dict | None, keep: int) -> Path:
-    """Collective: every rank calls it. All ranks write into a staging folder; rank 0 writes the backbone
-    and, after all ranks are done, the meta file with each file's size and sha256, renames the staged
+def save(engine, folder: Path, step: int, rank: int, rank_state: dict, meta: dict, encoder_states: dict[str, dict] | None,
+         keep: int) -> Path:
+    """Collective: every rank calls it. All ranks write into a staging folder; rank 0 writes the encoders
+    (`encoder_states`: name -> state) and, after all ranks are done, the meta file with each file's size and sha256, renames the staged
     folder into place, then removes all but the newest `keep` complete checkpoints. A failure on any rank
     (a full disk: OSError ENOSPC) removes the staging folder and raises CheckpointError on every rank."""
     tag = f"step-{step:08d}"
     final, staging = folder / tag, folder / f"{STAGING}{tag}"
     path = staging / tag
-    needed = _needed_bytes(engine, folder, backbone_state)
+    needed = _needed_bytes(engine, folder, encoder_states)
     error = None
     if rank == 0:
         try:
@@ -391,8 +396,8 @@ def save(engine, folder: Path, step: int, rank: int, rank_state: dict, meta: dic
             if failures:
                 raise failures[0]
             _atomic_write(rank_state_file(path, rank), json.dumps({**rank_state, "rng": rng_state()}))
-            if rank == 0 and backbone_state is not None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in backbone_state.items()}, str(path / BACKBONE))
+            for name, state in (encoder_states or {}).items() if rank == 0 else ():
+                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path / encoder_file(name)))
         except Exception as e:  # noqa: BLE001  (every rank must hear of it, or the others wait forever)
             error = _describe_failure(e, folder, tag, needed)
         error = next((e for e in _gather(error) if e), None)
@@ -499,13 +504,26 @@ def resolve(resume: str, folder: Path) -> Path | None:
     return path
 
 
-def export_backbone(path: Path, out: Path) -> Path:
-    """Write the checkpoint's online backbone as a timm folder (see models.export)."""
-    meta = verify(path, only=(BACKBONE,))
+def export_encoders(path: Path, out: Path) -> Path:
+    """Write the checkpoint's encoders as timm folders (see models.export): `out` itself for a method with
+    one encoder; `out/NAME` for each of several, with `out/features.json` naming them and the recipe, from
+    which `pipeline.frozen.load_backbone` rebuilds the method's evaluation features."""
+    meta = read_meta(path)
+    specs = meta.get("encoders")
+    if not isinstance(specs, dict) or not specs:
+        raise CheckpointError(f"{Path(path) / META}: damaged: it names no encoders")
+    verify(path, only=tuple(encoder_file(name) for name in specs))
     try:
-        state = load_file(str(Path(path) / BACKBONE))
         cfg = Config.model_validate(meta["config"])
+        states = {name: load_file(str(Path(path) / encoder_file(name))) for name in specs}
     except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{Path(path) / BACKBONE}: cannot be read ({_first_line(e)})") from None
-    write_timm_folder(Path(out), state, cfg, meta, meta["num_features"])
-    return Path(out)
+        raise CheckpointError(f"{path}: an encoder cannot be read ({_first_line(e)})") from None
+    out = Path(out)
+    if len(specs) == 1:
+        (name, spec), = specs.items()
+        write_timm_folder(out, states[name], spec, cfg, meta, name)
+        return out
+    for name, spec in specs.items():
+        write_timm_folder(out / name, states[name], spec, cfg, meta, name)
+    _atomic_write(out / "features.json", json.dumps({"encoders": sorted(specs), "config": meta["config"]}, indent=1))
+    return out

@@ -11,7 +11,7 @@ shared/docs/METHODS.md): N labels per class, the rest of the training shards unl
   0.4/0.4/0.4/0.1 with p 0.8 + grayscale 0.2, blur at 64 px and above: a SimCLR/MoCo v2-style recipe,
   since the DALI pipeline here has no RandAugment/Cutout, which FixMatch and FeatMatch use). Labeled rows
   of a batch are found by their global index. Views are sized and normalised as the backbone's config says.
-- Model. backbone -> features f; AugF (models.prototypes.PrototypeAttention, `--heads`, φᵣ zero-initialised
+- Model. backbone -> features f; AugF (models.prototype_attention.PrototypeAttention, `--heads`, φᵣ zero-initialised
   so AugF starts as relu(f)) -> g; one linear classifier on both. With `--warm-start` the classifier
   starts as a linear probe on the labeled images' features (off by default: with few labels the folded
   probe can have large weights that the first steps in train-mode BatchNorm undo violently).
@@ -54,8 +54,9 @@ from timm.scheduler import CosineLRScheduler
 
 from data_shards.shards import ShardError, shared_class_names
 from models.export import timm_config
-from models.prototypes import FeatureMemory, PrototypeAttention
-from pipeline.checkpoint import read_meta
+from models.feature_memory import FeatureMemory
+from models.prototype_attention import PrototypeAttention
+from pipeline.checkpoint import CheckpointError, read_meta
 from pipeline.config import Blur, ColorJitter, Config, DataConfig, ViewRecipe
 from pipeline.data.loader import ShardLoader
 from pipeline.frozen import eval_data_config, load_backbone
@@ -71,7 +72,10 @@ def backbone_config(spec: str) -> dict:
     if spec.startswith("local-dir:"):
         return json.loads((Path(spec[len("local-dir:"):]) / "config.json").read_text())
     meta = read_meta(Path(spec))
-    return timm_config(Config.model_validate(meta["config"]), meta["num_features"])
+    encoders = meta.get("encoders") or {}
+    if len(encoders) != 1:
+        raise CheckpointError(f"{spec}: fine-tuning takes one encoder; this checkpoint has {sorted(encoders)}")
+    return timm_config(Config.model_validate(meta["config"]), next(iter(encoders.values())))
 
 
 def view_recipes(size: int, mean, std) -> list[ViewRecipe]:

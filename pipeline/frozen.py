@@ -1,5 +1,7 @@
 """A trained backbone for evaluation and fine-tuning: loaded from an export (`local-dir:FOLDER`) or a
-checkpoint folder, with the data configuration its export declares (input size, crop, normalisation)."""
+checkpoint folder, with the data configuration its export declares (input size, crop, normalisation).
+The export of a method with several encoders (`features.json` beside one folder per encoder) gives the
+method's own evaluation features (`Method.features()`), rebuilt from its recipe."""
 
 from __future__ import annotations
 
@@ -12,17 +14,38 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import models  # noqa: F401  (registers the CIFAR-stem ResNet with timm)
-from pipeline.checkpoint import CheckpointError, export_backbone
-from pipeline.config import DataConfig, ViewRecipe
+from models.export import data_config
+from pipeline.checkpoint import CheckpointError, export_encoders
+from pipeline.config import Config, DataConfig, ViewRecipe
 
 
 def load_backbone(spec: str) -> torch.nn.Module:
     """`local-dir:FOLDER` (an export) or a checkpoint folder (exported on the fly)."""
     if spec.startswith("local-dir:"):
-        return _create_from_folder(Path(spec[len("local-dir:"):]))
+        return _load_export(Path(spec[len("local-dir:"):]))
     with tempfile.TemporaryDirectory() as tmp:
-        export_backbone(Path(spec), Path(tmp))
-        return timm.create_model(f"local-dir:{tmp}", pretrained=True)
+        return _load_export(export_encoders(Path(spec), Path(tmp)))
+
+
+def _load_export(folder: Path) -> torch.nn.Module:
+    if not (folder / "features.json").is_file():
+        return _create_from_folder(folder)
+    from pipeline.methods import build_method  # the methods import this module's neighbours
+
+    try:
+        found = json.loads((folder / "features.json").read_bytes())
+        names, cfg = found["encoders"], Config.model_validate(found["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder / 'features.json'}: damaged: {str(e).splitlines()[0][:300]}") from None
+    method = build_method(cfg)
+    encoders = method.encoders()
+    if sorted(encoders) != sorted(names):
+        raise CheckpointError(f"{folder / 'features.json'}: names encoders {names}, method {cfg.method.name} has {sorted(encoders)}")
+    for name, encoder in encoders.items():
+        encoder.load_state_dict(_create_from_folder(folder / name).state_dict())
+    features = method.features()
+    features.pretrained_cfg = data_config(cfg)  # what evaluation reads: the recipe's RGB input
+    return features
 
 
 def _create_from_folder(folder: Path) -> torch.nn.Module:

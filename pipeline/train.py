@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
@@ -31,6 +32,7 @@ from pipeline.data.preview import view_grid
 from pipeline.eval import extract_features, knn_accuracy
 from pipeline.losses.checks import NonFiniteInput
 from pipeline.methods import build_method
+from models.export import encoder_spec
 
 PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
 
@@ -217,19 +219,191 @@ def out_of_time(started: float, limit_minutes: float | None, device: torch.devic
     return bool(flag.item())
 
 
-def exported_encoder(method) -> torch.nn.Module:
-    """The encoder a checkpoint exports: checkpoints and export hold one so far."""
-    encoders = method.encoders()
-    if len(encoders) != 1:
-        raise NotImplementedError(f"checkpoints export one encoder; this method declares {sorted(encoders)}")
-    return next(iter(encoders.values()))
+def encoder_states(engine, method) -> dict[str, dict]:
+    """Each exported encoder's full state (gathered from ZeRO-3 partitions), by name, for rank 0 to save."""
+    states = {}
+    for name, encoder in method.encoders().items():
+        params = list(encoder.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
+            states[name] = {k: v.detach().float().cpu().clone() for k, v in encoder.state_dict().items()}
+    return states
 
 
-def encoder_state(engine, encoder) -> dict:
-    """An encoder's full state (gathered from ZeRO-3 partitions), for rank 0 to save."""
-    params = list(encoder.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
-        return {k: v.detach().float().cpu().clone() for k, v in encoder.state_dict().items()}
+@dataclass
+class ResumePlan:
+    """Where a run starts: nothing, or a checkpoint with its meta and (same world size only) this rank's
+    saved data position and random state."""
+
+    path: Path | None = None
+    meta: dict | None = None
+    rank_state: dict | None = None
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"] if self.meta else 0
+
+    @property
+    def data_state(self) -> dict | None:
+        return self.rank_state["data"] if self.rank_state else None
+
+
+def plan_resume(cfg: Config, method, rank: int, world_size: int) -> ResumePlan:
+    path = checkpoint.resolve(cfg.train.resume, Path(cfg.train.output) / "checkpoints")
+    if path is None:
+        return ResumePlan()
+    meta = checkpoint.check_fingerprint(path, checkpoint.fingerprint(method, cfg))
+    same_world = meta["world_size"] == world_size
+    rank_state = json.loads(checkpoint.rank_state_file(path, rank).read_text()) if same_world else None
+    return ResumePlan(path, meta, rank_state)
+
+
+def build_engine(method, cfg: Config, plan: ResumePlan, rank: int, world_size: int, total_steps: int, steps_per_epoch: int):
+    """The DeepSpeed engine over the method, its optimizer and schedule, with the checkpoint's state loaded
+    (weights only; at another world size through DeepSpeed's universal form, or the module alone)."""
+    optimizer, scheduler = build_optimizer(method, cfg, world_size, total_steps, steps_per_epoch)
+    ds_config, load_from, module_only = deepspeed_config(cfg), None, False
+    if plan.path is not None:
+        load_from = plan.path.parent
+        if plan.meta["world_size"] != world_size:
+            load_from, module_only = checkpoint.plan_reshard(plan.path, cfg, rank)
+            if not module_only:
+                ds_config["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
+    if plan.path is not None:
+        checkpoint.load_engine_state(engine, plan.path, load_from, module_only,
+                                     universal=bool(ds_config.get("checkpoint", {}).get("load_universal")))
+        if plan.rank_state is not None:
+            checkpoint.set_rng_state(plan.rank_state["rng"])
+        if load_from != plan.path.parent:  # the converted copy is only needed for loading
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(load_from, ignore_errors=True)
+    if cfg.model.compile:
+        engine.compile()
+    return engine, optimizer, scheduler
+
+
+class Run:
+    """The epoch loop of one training run: steps, logging, the kNN monitor and checkpoints."""
+
+    def __init__(self, cfg: Config, method, engine, optimizer, scheduler, loader: ShardLoader, plan: ResumePlan,
+                 rank: int, world_size: int, device: torch.device):
+        self.cfg, self.method, self.engine, self.optimizer, self.scheduler = cfg, method, engine, optimizer, scheduler
+        self.loader, self.plan, self.rank, self.world_size, self.device = loader, plan, rank, world_size, device
+        self.steps_per_epoch = len(loader) // cfg.optim.accumulation_steps
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.step = plan.step
+        self.last_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        self.metrics = dict(plan.meta.get("metrics", {})) if plan.meta else {}
+        self.log = Logger(cfg, Path(cfg.train.output), rank, self.last_step, self.step)
+        self.meter, self.path, self.micro, self.grad_norm = Meter(), plan.path, 0, None
+        self.started = time.perf_counter()
+
+    def announce(self) -> None:
+        cfg, plan, log = self.cfg, self.plan, self.log
+        log.run_text(cfg)
+        log.say(f"{self.world_size} rank(s) on {self.device.type}; {len(self.loader)} batches of {cfg.data.batch_size} "
+                f"per rank per epoch; {self.total_steps} steps in all"
+                + (f"; resumed from {plan.path} at step {self.step}" if plan.path else ""))
+        if plan.path is not None and plan.rank_state is None:
+            reshard = plan.meta["world_size"] != self.world_size and self.cfg.optim.name != "adamw"
+            log.say(f"the checkpoint was written by {plan.meta['world_size']} rank(s): the data position restarts at an "
+                    "epoch start" + ("; optimizer state restarts (only AdamW's carries over to another world size)" if reshard else ""))
+
+    def monitor(self, when: str) -> None:
+        device_id = self.device.index if self.device.type == "cuda" else None
+        knn = knn_monitor(self.method.features(), self.cfg, self.rank, self.world_size, self.device, device_id)
+        if knn is not None:
+            self.metrics[f"knn_top1_k{self.cfg.train.knn_k}"] = knn
+            self.log.scalars(self.step, {"eval/knn_top1": knn})
+            self.log.say(f"kNN top-1 {when}: {knn:.2%}")
+
+    def save(self) -> None:
+        encoders = self.method.encoders()
+        meta = {"world_size": self.world_size, "fingerprint": checkpoint.fingerprint(self.method, self.cfg),
+                "config": self.cfg.model_dump(mode="json"), "epochs_done": self.step / self.steps_per_epoch,
+                "encoders": {name: encoder_spec(encoder) for name, encoder in encoders.items()},
+                "metrics": self.metrics}
+        self.path = checkpoint.save(self.engine, Path(self.cfg.train.output) / "checkpoints", self.step, self.rank,
+                                    {"data": self.loader.state_dict()}, meta, encoder_states(self.engine, self.method),
+                                    self.cfg.train.keep_checkpoints)
+
+    def micro_step(self, views: list[torch.Tensor]) -> bool:
+        """One forward and backward; the optimizer steps at an accumulation boundary (returns True then)."""
+        if self.micro == 0:
+            self.step_values = self.method.before_step(self.step)
+        try:
+            loss, parts = self.engine(views)
+        except NonFiniteInput as e:  # the loss's own checks (CPU inputs) see it before the log does
+            raise NonFiniteLoss(f"step {self.step + 1}: the loss is not finite ({e}); nothing was saved after the last "
+                                "checkpoint, which --resume auto takes (lower optim.lr, or set optim.grad_clip)") from None
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.micro = 0 if boundary else self.micro + 1
+        if boundary and (self.step + 1) % self.cfg.train.log_every == 0 and self.engine.zero_optimization_stage() == 0:
+            self.grad_norm = full_grad_norm(self.method)  # ZeRO 1-3 compute the norm themselves
+        if boundary:
+            self.scheduler.step_update(self.step + 1)
+        self.engine.step()
+        self.meter.add({"loss/total": loss.detach(), **parts})
+        return boundary
+
+    def log_step(self, extra: dict[str, float]) -> None:
+        values = self.meter.summary(self.cfg.data.batch_size * self.world_size, self.cfg.optim.accumulation_steps)
+        values.update(lr=self.optimizer.param_groups[0]["lr"], **extra)
+        if self.engine.zero_optimization_stage() > 0:
+            self.grad_norm = self.engine.get_global_grad_norm()
+        if self.grad_norm is not None:
+            values["grad_norm"] = float(self.grad_norm)
+        if self.device.type == "cuda":
+            values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.log.scalars(self.step, values)
+        check_finite(self.step, values)
+
+    def epoch(self) -> None:
+        """The rest of one epoch (all of it unless resumed in the middle), or up to the last step."""
+        cfg, loader = self.cfg, self.loader
+        if loader.step in (0, loader.steps_per_epoch):  # a fresh epoch, not one resumed in the middle
+            epoch_values = self.method.start_epoch(loader.epoch + (loader.step > 0))
+            if epoch_values:
+                self.log.scalars(self.step, epoch_values)
+        for batch in self.meter.timed(loader):
+            views = [v.to(self.device, non_blocking=True) for v in batch.views]
+            if self.meter.first:
+                self.log.views(views, cfg.data.view_recipes())
+            if not self.micro_step(views):
+                continue
+            self.step += 1
+            extra = {**self.step_values, **self.method.after_step(self.step / self.total_steps)}
+            self.meter.steps += 1
+            self.log.advance()
+            at_log = self.step % cfg.train.log_every == 0
+            if at_log and out_of_time(self.started, cfg.train.time_limit_minutes, self.device):
+                self.last_step = self.step
+            if at_log or self.step == self.last_step:
+                self.log_step(extra)
+            if self.step % cfg.train.checkpoint_every == 0 and self.step < self.last_step:
+                self.save()
+            if self.step == self.last_step:
+                return
+        if cfg.train.knn_every and (loader.epoch + 1) % cfg.train.knn_every == 0 and self.step < self.last_step:
+            self.monitor(f"after epoch {loader.epoch + 1}")
+
+    def run(self) -> Path:
+        self.announce()
+        output, start_step = Path(self.cfg.train.output), self.step
+        if self.step == 0:
+            self.monitor("before training")
+        while self.step < self.last_step:
+            self.epoch()
+        if self.step > start_step:  # a run resumed at its end has nothing new to save
+            self.monitor("after training")
+            self.save()
+        if self.rank == 0:
+            checkpoint.export_encoders(self.path, output / "backbone")
+        self.log.say(f"checkpoint: {self.path}\nbackbone for timm: {output / 'backbone'}\ntensorboard: {output / 'tensorboard'}")
+        self.log.close()
+        return self.path
 
 
 def train(cfg: Config) -> Path:
@@ -238,136 +412,14 @@ def train(cfg: Config) -> Path:
     torch.manual_seed(cfg.train.seed + rank)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    output, ckpt_dir = Path(cfg.train.output), Path(cfg.train.output) / "checkpoints"
-    device_id = local_rank if device.type == "cuda" else None
-
     method = build_method(cfg)
     if cfg.method.batch_norm == "sync" and world_size > 1:  # every method's setting (MethodConfig)
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    resume_from = checkpoint.resolve(cfg.train.resume, ckpt_dir)
-    meta = checkpoint.check_fingerprint(resume_from, checkpoint.fingerprint(method, cfg)) if resume_from else None
-    data_state = None
-    if resume_from is not None:
-        saved = json.loads(checkpoint.rank_state_file(resume_from, rank).read_text()) if meta["world_size"] == world_size else None
-        data_state = saved["data"] if saved else None
-
-    loader = ShardLoader(cfg.train.data, cfg.data, rank=rank, world_size=world_size, device_id=device_id, state=data_state)
+    plan = plan_resume(cfg, method, rank, world_size)
+    device_id = local_rank if device.type == "cuda" else None
+    loader = ShardLoader(cfg.train.data, cfg.data, rank=rank, world_size=world_size, device_id=device_id, state=plan.data_state)
     steps_per_epoch = len(loader) // cfg.optim.accumulation_steps
     if steps_per_epoch == 0:
         raise ValueError(f"optim.accumulation_steps={cfg.optim.accumulation_steps} exceeds the {len(loader)} batches of an epoch")
-    total_steps = cfg.train.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.train.max_steps or total_steps)
-
-    optimizer, scheduler = build_optimizer(method, cfg, world_size, total_steps, steps_per_epoch)
-    ds_config, load_from, module_only = deepspeed_config(cfg), None, False
-    if resume_from is not None:
-        load_from = resume_from.parent
-        if meta["world_size"] != world_size:
-            load_from, module_only = checkpoint.plan_reshard(resume_from, cfg, rank)
-            if not module_only:
-                ds_config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
-    step = 0
-    if resume_from is not None:
-        checkpoint.load_engine_state(engine, resume_from, load_from, module_only,  # weights only
-                                     universal=bool(ds_config.get("checkpoint", {}).get("load_universal")))
-        step = meta["step"]
-        if saved is not None:
-            checkpoint.set_rng_state(saved["rng"])
-        if load_from != resume_from.parent:  # the converted copy is only needed for loading
-            dist.barrier()
-            if rank == 0:
-                shutil.rmtree(load_from, ignore_errors=True)
-    if cfg.model.compile:
-        engine.compile()
-
-    log = Logger(cfg, output, rank, last_step, step)
-    log.run_text(cfg)
-    log.say(f"{world_size} rank(s) on {device.type}; {len(loader)} batches of {cfg.data.batch_size} per rank per epoch; "
-            f"{total_steps} steps in all" + (f"; resumed from {resume_from} at step {step}" if resume_from else ""))
-    if resume_from is not None and saved is None:
-        log.say(f"the checkpoint was written by {meta['world_size']} rank(s): the data position restarts at an epoch start"
-                + ("; optimizer state restarts (only AdamW's carries over to another world size)" if module_only else ""))
-    metrics = dict(meta.get("metrics", {})) if meta else {}
-
-    def monitor(when: str) -> None:
-        knn = knn_monitor(method.features(), cfg, rank, world_size, device, device_id)
-        if knn is not None:
-            metrics[f"knn_top1_k{cfg.train.knn_k}"] = knn
-            log.scalars(step, {"eval/knn_top1": knn})
-            log.say(f"kNN top-1 {when}: {knn:.2%}")
-
-    if step == 0:
-        monitor("before training")
-
-    def save(at_step: int) -> Path:
-        meta_out = {"world_size": world_size, "fingerprint": checkpoint.fingerprint(method, cfg),
-                    "config": cfg.model_dump(mode="json"), "epochs_done": at_step / steps_per_epoch,
-                    "num_features": exported_encoder(method).num_features, "metrics": metrics}
-        return checkpoint.save(
-            engine, ckpt_dir, at_step, rank, {"data": loader.state_dict()}, meta_out,
-            encoder_state(engine, exported_encoder(method)), cfg.train.keep_checkpoints,
-        )
-
-    meter, path, start_step, started, grad_norm, micro = Meter(), resume_from, step, time.perf_counter(), None, 0
-    while step < last_step:
-        if loader.step in (0, loader.steps_per_epoch):  # a fresh epoch, not one resumed in the middle
-            epoch = loader.epoch + (loader.step > 0)
-            epoch_values = method.start_epoch(epoch)
-            if epoch_values:
-                log.scalars(step, epoch_values)
-        for batch in meter.timed(loader):  # the rest of one epoch
-            views = [v.to(device, non_blocking=True) for v in batch.views]
-            if meter.first:
-                log.views(views, cfg.data.view_recipes())
-            if micro == 0:
-                step_values = method.before_step(step)
-            try:
-                loss, parts = engine(views)
-            except NonFiniteInput as e:  # the loss's own checks (CPU inputs) see it before the log does
-                raise NonFiniteLoss(f"step {step + 1}: the loss is not finite ({e}); nothing was saved after the last "
-                                    "checkpoint, which --resume auto takes (lower optim.lr, or set optim.grad_clip)") from None
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            micro = 0 if boundary else micro + 1
-            logging = boundary and (step + 1) % cfg.train.log_every == 0
-            if logging and engine.zero_optimization_stage() == 0:  # ZeRO 1-3 compute the norm themselves
-                grad_norm = full_grad_norm(method)
-            if boundary:
-                scheduler.step_update(step + 1)
-            engine.step()
-            meter.add({"loss/total": loss.detach(), **parts})
-            if not boundary:
-                continue
-            step += 1
-            extra = {**step_values, **method.after_step(step / total_steps)}
-            meter.steps += 1
-            log.advance()
-            if step % cfg.train.log_every == 0 and out_of_time(started, cfg.train.time_limit_minutes, device):
-                last_step = step
-            if step % cfg.train.log_every == 0 or step == last_step:
-                values = meter.summary(cfg.data.batch_size * world_size, cfg.optim.accumulation_steps)
-                values.update(lr=optimizer.param_groups[0]["lr"], **extra)
-                if engine.zero_optimization_stage() > 0:
-                    grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    values["grad_norm"] = float(grad_norm)
-                if device.type == "cuda":
-                    values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                log.scalars(step, values)
-                check_finite(step, values)
-            if step % cfg.train.checkpoint_every == 0 and step < last_step:
-                path = save(step)
-            if step == last_step:
-                break
-        epoch_done = loader.step >= loader.steps_per_epoch
-        if epoch_done and cfg.train.knn_every and (loader.epoch + 1) % cfg.train.knn_every == 0 and step < last_step:
-            monitor(f"after epoch {loader.epoch + 1}")
-    if step > start_step:  # a run resumed at its end has nothing new to save
-        monitor("after training")
-        path = save(step)
-    if rank == 0:
-        checkpoint.export_backbone(path, output / "backbone")
-    log.say(f"checkpoint: {path}\nbackbone for timm: {output / 'backbone'}\ntensorboard: {output / 'tensorboard'}")
-    log.close()
-    return path
+    engine, optimizer, scheduler = build_engine(method, cfg, plan, rank, world_size, cfg.train.epochs * steps_per_epoch, steps_per_epoch)
+    return Run(cfg, method, engine, optimizer, scheduler, loader, plan, rank, world_size, device).run()

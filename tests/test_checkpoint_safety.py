@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from conftest import tiny_config
 import distributed_utils
 from distributed_utils import free_port
+from models.export import encoder_spec
 from pipeline import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,14 +99,14 @@ def tiny_engine(world: int):
     loss, _ = engine([torch.randn(4, 3, 16, 16) for _ in range(2)])
     engine.backward(loss)
     engine.step()
-    meta = {"world_size": world, "fingerprint": checkpoint.fingerprint(method, cfg), "num_features": method.backbone.num_features,
+    meta = {"world_size": world, "fingerprint": checkpoint.fingerprint(method, cfg), "encoders": {"backbone": encoder_spec(method.backbone)},
             "config": cfg.model_dump(mode="json"), "metrics": {}}
     return engine, method, meta
 
 
 def save_step(engine, method, meta, folder: Path, step: int, rank: int) -> Path:
     backbone = {k: v.detach().clone() for k, v in method.backbone.state_dict().items()}
-    return checkpoint.save(engine, folder, step, rank, {"data": None}, meta, backbone, keep=5)
+    return checkpoint.save(engine, folder, step, rank, {"data": None}, meta, {"backbone": backbone}, keep=5)
 
 
 def snapshot(folder: Path) -> dict:
@@ -167,10 +168,10 @@ def test_a_planted_payload_never_runs_in_export_or_evaluate(one_rank_run, small_
         plant(ckpt, name, marker)
     assert load_launch("export").main([str(ckpt), str(tmp_path / "export")]) == 0  # reads safetensors only
     # A pickle posing as the backbone's safetensors: refused, named, not run.
-    torch.save({"w": Payload(marker)}, ckpt / checkpoint.BACKBONE)
+    torch.save({"w": Payload(marker)}, ckpt / checkpoint.encoder_file("backbone"))
     capsys.readouterr()
     assert load_launch("export").main([str(ckpt), str(tmp_path / "export2")]) == 2
-    assert f"{ckpt / checkpoint.BACKBONE}: damaged" in capsys.readouterr().err
+    assert f"{ckpt / checkpoint.encoder_file('backbone')}: damaged" in capsys.readouterr().err
     evaluate = load_launch("evaluate")
     assert evaluate.main(["--backbone", str(ckpt), "--train", str(small_shards), "--val", str(small_shards), "--knn"]) == 2
     torch.save({"w": Payload(marker)}, tmp_path / "export" / "model.safetensors")
@@ -259,7 +260,7 @@ def test_resume_auto_with_no_intact_checkpoint_says_so(saved, tmp_path):
 
 @pytest.mark.parametrize("damage", ["bad-config", "truncated-weights", "missing-weights"])
 def test_evaluate_on_a_damaged_export_is_one_line(saved, small_shards, tmp_path, capsys, damage):
-    out = checkpoint.export_backbone(saved / "step-00000002", tmp_path / "export")
+    out = checkpoint.export_encoders(saved / "step-00000002", tmp_path / "export")
     if damage == "bad-config":
         (out / "config.json").write_text("{architecture")
     elif damage == "truncated-weights":

@@ -133,7 +133,7 @@ def _queue_worker(rank, world, steps, optimizer, out):
     train_steps(engine, method, rank, world, steps)
     save_file(state(method), f"{out}/w{world}-r{rank}.safetensors")
     if world == 2:
-        meta = {"world_size": world, "fingerprint": checkpoint.fingerprint(method, cfg), "num_features": 64}
+        meta = {"world_size": world, "fingerprint": checkpoint.fingerprint(method, cfg)}
         checkpoint.save(engine, Path(out) / "ckpt", steps, rank, {"data": None}, meta, None, keep=1)
     else:
         train_steps(engine, method, rank, world, 1, first=steps)

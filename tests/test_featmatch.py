@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import encode, image_folder, make_shards
-from models.prototypes import FeatureMemory, PrototypeAttention, cluster_means, kmeans
+from models.feature_memory import FeatureMemory
+from models.kmeans import cluster_means, kmeans
+from models.prototype_attention import PrototypeAttention
 from pipeline.losses.featmatch import featmatch_loss
 
 
@@ -270,7 +272,7 @@ def colour_shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_backbone(tmp_path_factory):
     from models.backbones import create_backbone
-    from models.export import write_timm_folder
+    from models.export import encoder_spec, write_timm_folder
     from pipeline.config import load_config
 
     cfg = load_config(None, ["model.backbone=test_resnet", "data.views=[{size: 24}, {size: 24}]",
@@ -278,7 +280,7 @@ def tiny_backbone(tmp_path_factory):
     torch.manual_seed(0)
     model = create_backbone(cfg.model, 24)
     out = tmp_path_factory.mktemp("backbone") / "test_resnet"
-    write_timm_folder(out, model.state_dict(), cfg, {"step": 0}, model.num_features)
+    write_timm_folder(out, model.state_dict(), encoder_spec(model), cfg, {"step": 0})
     return out
 
 

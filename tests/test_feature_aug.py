@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import pipeline.methods.feature_aug as feature_aug
 from conftest import tiny_config
 from distributed_utils import spawn
-from models.prototypes import kmeans
+from models.kmeans import kmeans
 from pipeline.config import ConfigError
 from pipeline.losses import info_nce
 from pipeline.methods import build_method

@@ -179,12 +179,12 @@ def test_balanced_report_on_a_long_tailed_set_weights_classes_equally():
 
 def test_evaluate_reports_balanced_and_group_accuracies(src, tmp_path, capsys):
     from models.backbones import create_backbone
-    from models.export import write_timm_folder
+    from models.export import encoder_spec, write_timm_folder
 
     shards = make_shards(src, tmp_path / "shards", "--long-tail", "10", "--val-fraction", "0.25")
     cfg = tiny_config("simclr", "data.eval_size=16", "data.eval_resize=16")
     model = create_backbone(cfg.model, 16)
-    write_timm_folder(tmp_path / "backbone", model.state_dict(), cfg, {"step": 0}, model.num_features)
+    write_timm_folder(tmp_path / "backbone", model.state_dict(), encoder_spec(model), cfg, {"step": 0})
     spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "launch" / "evaluate.py")
     evaluate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate)

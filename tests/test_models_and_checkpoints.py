@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_config
 from models.backbones import create_backbone
-from models.export import write_timm_folder
+from models.export import encoder_spec, write_timm_folder
 from models.heads import mlp_head
 from models.momentum import MomentumEncoder
 from pipeline import checkpoint
@@ -33,7 +33,7 @@ def test_export_round_trip_through_timm(tmp_path, overrides, size):
     model = create_backbone(cfg.model, size).eval()
     for p in model.parameters():  # not the initial weights: the export must carry them
         p.data.add_(torch.randn_like(p) * 0.01)
-    write_timm_folder(tmp_path / "out", model.state_dict(), cfg, {"step": 1, "metrics": {"knn": 0.5}}, model.num_features)
+    write_timm_folder(tmp_path / "out", model.state_dict(), encoder_spec(model), cfg, {"step": 1, "metrics": {"knn": 0.5}})
     loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
     x = torch.randn(2, 3, size, size)
     assert torch.equal(loaded(x), model(x))

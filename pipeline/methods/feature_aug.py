@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from models.prototypes import PrototypeAttention, kmeans
+from models.kmeans import kmeans
+from models.prototype_attention import PrototypeAttention
 from pipeline.config import Strict
 from pipeline.distributed import FeatureQueue
 from pipeline.losses import info_nce
