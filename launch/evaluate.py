@@ -1,8 +1,11 @@
-"""python launch/evaluate.py --backbone local-dir:FOLDER|CHECKPOINT --train SHARDS --val SHARDS [--knn] [--linear]
+"""python launch/evaluate.py --backbone local-dir:FOLDER|CHECKPOINT --train SHARDS --val SHARDS [--knn] [--feature-probe]
 
-Prints JSON: weighted kNN top-1 (k = 20 and 200, temperature 0.1) and linear-probe top-1 of a frozen
+Prints JSON: weighted kNN top-1 (k = 20 and 200, temperature 0.1) and feature-probe top-1 of a frozen
 backbone, each with balanced accuracy (mean per-class recall), per-class accuracy and many/medium/few-shot
 group accuracies (classes grouped by their number of training images; see pipeline.eval.accuracy_report).
+The feature probe is a fast check: a linear classifier on precomputed, unaugmented features. Its numbers
+are not the standard linear evaluation that papers report (augmented views, the protocol's schedule):
+that is launch/linear.py.
 `accelerate launch launch/evaluate.py ...` spreads feature extraction over the GPUs.
 """
 
@@ -33,16 +36,18 @@ def main(argv=None) -> int:
     p.add_argument("--train", required=True, help="labeled shards the kNN memory and the probe learn from")
     p.add_argument("--val", required=True, help="labeled shards to score")
     p.add_argument("--knn", action="store_true")
-    p.add_argument("--linear", action="store_true")
+    p.add_argument("--feature-probe", "--linear", dest="feature_probe", action="store_true",
+                   help="a linear classifier on precomputed, unaugmented features (a fast check; the standard "
+                        "linear evaluation is launch/linear.py)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--linear-epochs", type=int, default=30)
+    p.add_argument("--feature-probe-epochs", "--linear-epochs", dest="feature_probe_epochs", type=int, default=30)
     p.add_argument("--many-shot", type=int, default=100, help="classes with more training images are many-shot (default 100)")
     p.add_argument("--few-shot", type=int, default=20, help="classes with fewer training images are few-shot (default 20)")
     args = p.parse_args(argv)
     if not 0 <= args.few_shot <= args.many_shot:
         p.error(f"need 0 <= --few-shot <= --many-shot, got {args.few_shot} and {args.many_shot}")
-    if not (args.knn or args.linear):
-        args.knn = args.linear = True
+    if not (args.knn or args.feature_probe):
+        args.knn = args.feature_probe = True
 
     state = PartialState()
     device_id = state.local_process_index if state.device.type == "cuda" else None
@@ -73,9 +78,9 @@ def main(argv=None) -> int:
         ks = [k for k in (20, 200) if k <= train_x.shape[0]]
         for k, predictions in knn_predict(train_x, train_y, val_x, ks=ks, num_classes=num_classes).items():
             report(f"knn_k{k}", f"knn_top1_k{k}", predictions)
-    if args.linear:
-        probe = train_linear_probe(train_x, train_y, val_x, val_y, num_classes=num_classes, epochs=args.linear_epochs)
-        report("linear", "linear_top1", probe.predictions)
+    if args.feature_probe:
+        probe = train_linear_probe(train_x, train_y, val_x, val_y, num_classes=num_classes, epochs=args.feature_probe_epochs)
+        report("feature_probe", "feature_probe_top1", probe.predictions)
     if state.is_main_process:
         print(json.dumps(result, indent=1))
     return 0

@@ -197,7 +197,7 @@ def test_evaluate_reports_balanced_and_group_accuracies(src, tmp_path, capsys):
     assert result["train_class_counts"] == [30, 16, 9, 5, 3] and result["val_images"] == 50
     assert (result["many_shot_classes"], result["medium_shot_classes"], result["few_shot_classes"]) == (2, 2, 1)
     assert "knn_k200_balanced" not in result  # k = 200 exceeds the 63 training images
-    for prefix, top1 in (("knn_k20", "knn_top1_k20"), ("linear", "linear_top1")):
+    for prefix, top1 in (("knn_k20", "knn_top1_k20"), ("feature_probe", "feature_probe_top1")):
         per_class = result[f"{prefix}_per_class"]
         assert len(per_class) == 5 and all(0 <= a <= 1 for a in per_class)
         assert result[f"{prefix}_balanced"] == pytest.approx(sum(per_class) / 5)

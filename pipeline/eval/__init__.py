@@ -1,4 +1,5 @@
-"""Evaluation of frozen backbones: feature extraction, weighted kNN and linear probe."""
+"""Evaluation of frozen backbones: feature extraction, weighted kNN and the feature probe (a linear classifier
+on precomputed features; the standard linear evaluation is pipeline/linear.py)."""
 
 from pipeline.eval.features import extract_features
 from pipeline.eval.knn import knn_accuracy, knn_predict

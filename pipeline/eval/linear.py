@@ -1,4 +1,6 @@
-"""Linear probe: a linear classifier trained on frozen, precomputed features."""
+"""The feature probe: a linear classifier trained on frozen, precomputed, unaugmented features. A fast check
+of a backbone, not the standard linear evaluation that papers report (pipeline/linear.py trains on
+augmented views with the protocol's schedule)."""
 
 from __future__ import annotations
 
