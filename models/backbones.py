@@ -73,7 +73,7 @@ def create_backbone(cfg: ModelConfig, img_size: int, dynamic_size: bool = False,
         model = timm.create_model(name, pretrained=False, **args)
     except RuntimeError as e:  # timm's "Unknown model"
         raise ValueError(f"model.backbone={cfg.backbone!r}: {e}") from None
-    if cfg.vit_init == "mocov3":
+    if cfg.vit_init == "sincos_xavier":
         mocov3_vit_init(model)
     if cfg.freeze_patch_embed:
         model.patch_embed.requires_grad_(False)
@@ -103,7 +103,7 @@ def mocov3_vit_init(model: nn.Module) -> None:
     class token N(0, 1e-6), and the patch projection xavier-uniform over fans (channels * patch area, dim)."""
     proj = getattr(getattr(model, "patch_embed", None), "proj", None)
     if not isinstance(proj, nn.Conv2d) or getattr(model, "pos_embed", None) is None:
-        raise ValueError(f"model.vit_init=mocov3 needs a ViT with a conv patch projection and a learned position embedding, "
+        raise ValueError(f"model.vit_init=sincos_xavier needs a ViT with a conv patch projection and a learned position embedding, "
                          f"{type(model).__name__} has neither")
     rows, cols = model.patch_embed.grid_size
     grid = sincos_position_embedding(rows, cols, model.pos_embed.shape[-1])

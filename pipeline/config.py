@@ -183,9 +183,9 @@ class ModelConfig(Strict):
     projector: HeadConfig = HeadConfig()
     predictor: HeadConfig | None = None
     freeze_patch_embed: bool = False  # ViTs: keep the random patch projection fixed (MoCo v3)
-    # ViTs: "mocov3" as moco-v3's vits.py: a fixed 2-D sin-cos position embedding, xavier-uniform weights
+    # ViTs: "sincos_xavier" as moco-v3's vits.py: a fixed 2-D sin-cos position embedding, xavier-uniform weights
     # (q, k, v as three matrices), zero biases, class token N(0, 1e-6)
-    vit_init: Literal["timm", "mocov3"] = "timm"
+    vit_init: Literal["timm", "sincos_xavier"] = "timm"
     backbone_args: dict[str, int | float | bool | str] = {}  # more timm.create_model arguments (num_heads: 12)
     channels_last: bool = True  # CNNs only
     grad_checkpointing: bool = False

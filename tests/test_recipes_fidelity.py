@@ -36,7 +36,7 @@ FIDELITY = {
     "mocov3_vits16_imagenet": [
         ("model.backbone", "vit_small_patch16_224", f"{MOCOV3} vits.py vit_small: patch 16, width 384, depth 12"),
         ("model.backbone_args", {"num_heads": 12}, f"{MOCOV3} vits.py vit_small: num_heads=12"),
-        ("model.vit_init", "mocov3", f"{MOCOV3} vits.py VisionTransformerMoCo: sin-cos position embedding, init"),
+        ("model.vit_init", "sincos_xavier", f"{MOCOV3} vits.py VisionTransformerMoCo: sin-cos position embedding, init"),
         ("model.freeze_patch_embed", True, f"{MOCOV3} CONFIG.md ViT-Small: --stop-grad-conv1"),
         ("model.projector", head(4096, 256, 3, "no_affine", bias=False), f"{MOCOV3} moco/builder.py MoCo_ViT: _build_mlp(3, ...)"),
         ("model.predictor", head(4096, 256, 2, "no_affine", bias=False), f"{MOCOV3} moco/builder.py MoCo_ViT: _build_mlp(2, ...)"),
@@ -267,8 +267,8 @@ def test_vit_init_is_mocov3s(mocov3_vit):
 
 
 def test_vit_init_needs_a_vit():
-    with pytest.raises(ValueError, match="model.vit_init=mocov3 needs a ViT"):
-        load_config(None, ["model.vit_init=mocov3"])
+    with pytest.raises(ValueError, match="model.vit_init=sincos_xavier needs a ViT"):
+        load_config(None, ["model.vit_init=sincos_xavier"])
     with pytest.raises(ValueError, match="backbone_args cannot set"):
         load_config(None, ["model.backbone_args={num_classes: 3}"])
 
