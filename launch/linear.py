@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="global batch over all ranks (default: the preset's)")
     p.add_argument("--lr", type=float, help="base learning rate per 256 images, scaled by batch / 256 (default: the preset's)")
     p.add_argument("--weight-decay", type=float, help="default 0, as both protocols")
+    p.add_argument("--crop-scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="area fraction of the random resized crop (default 0.08 1, as both protocols)")
     p.add_argument("--seed", type=int, help="classifier initialisation and augmentation (default 0)")
     p.add_argument("--output", default="runs/linear", help="run folder: checkpoints, tensorboard, classifier, result.json")
     p.add_argument("--resume", default="auto", help="auto (newest intact checkpoint in --output), never, or a checkpoint folder")
@@ -54,13 +56,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{flag} must be positive, got {value}")
     if args.lr is not None and args.lr <= 0 or (args.weight_decay or 0) < 0 or args.eval_every < 0:
         p.error("--lr must be positive, --weight-decay and --eval-every >= 0")
+    if args.crop_scale is not None and not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        p.error(f"--crop-scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "base_lr": args.lr,
-                 "weight_decay": args.weight_decay, "seed": args.seed}
+                 "weight_decay": args.weight_decay, "seed": args.seed,
+                 "scale": tuple(args.crop_scale) if args.crop_scale else None}
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds the JSON only
             result = linear_eval(args.backbone, args.train, args.val, preset=args.preset, overrides=overrides,

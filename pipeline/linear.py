@@ -175,7 +175,8 @@ def linear_eval(
 ) -> dict:
     """Run the preset's protocol for this backbone, with `overrides` of its settings (Protocol's fields), and
     return the result; collective over the launcher's ranks. Bad input raises CheckpointError, ShardError,
-    OSError or ValueError before any process group forms."""
+    OSError or ValueError naming the file; a backbone or shard set that cannot be used does so before any
+    process group forms."""
     started = time.perf_counter()
     backbone = load_backbone(backbone_spec)
     class_names = shared_class_names(train, val)
