@@ -3,8 +3,10 @@ Triton path (`info_nce(impl="triton")`), in one run, on the same inputs. Needs a
 
     python benchmarks/infonce.py                                   # N = 4k..256k, D = 128 and 256, bf16
     python benchmarks/infonce.py --sizes 4096 65536 --dims 256 --json out.jsonl
+    python benchmarks/infonce.py --sizes 65536 --shapes 512x32768 25088x25088 --dims 256   # and DIM, CPC shapes
 
-One GPU holds the whole batch: N L2-normalised queries against N keys, row i's positive is key i.
+One GPU holds the whole batch: N L2-normalised queries against N keys, row i's positive is key i; with
+--shapes BxN, B queries against N keys (B <= N), as DIM's global vectors against all gathered locals.
 Before timing each (N, D), the fused path is checked against an fp32 computation from the same bf16
 inputs on a random subset of rows (loss and gradients; exits on a mismatch). Plain PyTorch is skipped
 where its logits would not fit in free GPU memory. Time: median of --repeats fwd+bwd steps after
@@ -37,6 +39,8 @@ BF16_TOLERANCE = 2e-2
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768, 65536, 262144], help="N")
+    p.add_argument("--shapes", type=queries_by_keys, nargs="*", default=[], metavar="BxN",
+                   help="B queries against N keys, besides the N x N cases of --sizes")
     p.add_argument("--dims", type=int, nargs="+", default=[128, 256], help="D")
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one autotunes)")
@@ -44,6 +48,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check-rows", type=int, default=1024, help="rows compared with fp32 before timing")
     p.add_argument("--json", type=Path, help="write the JSON lines here instead of stdout")
     return p.parse_args(argv)
+
+
+def queries_by_keys(text: str) -> tuple[int, int]:
+    try:
+        rows, keys = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BxN, e.g. 512x32768") from None
+    if not 0 < rows <= keys:
+        raise argparse.ArgumentTypeError(f"{text!r}: needs 0 < B <= N (row i's positive is key i)")
+    return rows, keys
 
 
 def plain_info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -58,14 +72,14 @@ def fused_info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torc
 IMPLS = {"plain": plain_info_nce, "fused": fused_info_nce}
 
 
-def plain_fits(n: int, free_bytes: int) -> bool:
-    return PLAIN_BYTES_PER_LOGIT * n * n < 0.9 * free_bytes
+def plain_fits(n: int, free_bytes: int, rows: int | None = None) -> bool:
+    return PLAIN_BYTES_PER_LOGIT * (rows or n) * n < 0.9 * free_bytes
 
 
-def inputs(n: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs(rows: int, n: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device="cuda").manual_seed(seed)
-    make = lambda: F.normalize(torch.randn(n, dim, device="cuda", generator=g), dim=1)  # noqa: E731
-    return make().bfloat16().requires_grad_(), make().bfloat16().requires_grad_()
+    make = lambda count: F.normalize(torch.randn(count, dim, device="cuda", generator=g), dim=1)  # noqa: E731
+    return make(rows).bfloat16().requires_grad_(), make(n).bfloat16().requires_grad_()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -91,7 +105,7 @@ def check_fused(q: torch.Tensor, k: torch.Tensor, temperature: float, rows: int)
         "grad_k": relative_error(dk, ek),
     }
     if max(errors.values()) > BF16_TOLERANCE:
-        raise SystemExit(f"fused InfoNCE disagrees with fp32 at N={q.shape[0]}, D={q.shape[1]}: {errors}")
+        raise SystemExit(f"fused InfoNCE disagrees with fp32 at B={q.shape[0]}, N={k.shape[0]}, D={q.shape[1]}: {errors}")
     return errors
 
 
@@ -124,16 +138,18 @@ def time_and_memory(fn, q: torch.Tensor, k: torch.Tensor, temperature: float, wa
 def run(args, emit) -> list[dict]:
     records = []
     device = torch.cuda.get_device_name()
+    cases = [(n, n) for n in args.sizes] + args.shapes
     for dim in args.dims:
-        for n in args.sizes:
-            q, k = inputs(n, dim)
-            base = {"n": n, "dim": dim, "dtype": "bfloat16", "temperature": args.temperature, "device": device}
-            check = check_fused(q, k, args.temperature, min(args.check_rows, n))
+        for rows, n in cases:
+            q, k = inputs(rows, n, dim)
+            base = {"queries": rows, "n": n, "dim": dim, "dtype": "bfloat16", "temperature": args.temperature,
+                    "device": device}
+            check = check_fused(q, k, args.temperature, min(args.check_rows, rows))
             for name, fn in IMPLS.items():
                 record = dict(base, impl=name)
                 free, _ = torch.cuda.mem_get_info()
-                if name == "plain" and not plain_fits(n, free):
-                    record["skipped"] = f"needs about {PLAIN_BYTES_PER_LOGIT * n * n / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
+                if name == "plain" and not plain_fits(n, free, rows):
+                    record["skipped"] = f"needs about {PLAIN_BYTES_PER_LOGIT * rows * n / 2**30:.0f} GiB, {free / 2**30:.0f} GiB free"
                 else:
                     try:
                         record.update(time_and_memory(fn, q, k, args.temperature, args.warmup, args.repeats))
@@ -149,13 +165,13 @@ def run(args, emit) -> list[dict]:
 
 
 def table(records: list[dict]) -> str:
-    """One line per (D, N): plain and fused time and memory, and their ratios."""
-    by_case: dict[tuple[int, int], dict[str, dict]] = {}
+    """One line per (D, B, N): plain and fused time and memory, and their ratios (N alone where B = N)."""
+    by_case: dict[tuple[int, int, int], dict[str, dict]] = {}
     for r in records:
-        by_case.setdefault((r["dim"], r["n"]), {})[r["impl"]] = r
-    header = f"{'D':>5} {'N':>8} | {'plain ms':>9} {'plain GiB':>10} | {'fused ms':>9} {'fused GiB':>10} | {'speed-up':>8} {'memory':>8}"
+        by_case.setdefault((r["dim"], r.get("queries", r["n"]), r["n"]), {})[r["impl"]] = r
+    header = f"{'D':>5} {'N':>11} | {'plain ms':>9} {'plain GiB':>10} | {'fused ms':>9} {'fused GiB':>10} | {'speed-up':>8} {'memory':>8}"
     lines = [header, "-" * len(header)]
-    for (dim, n), impls in sorted(by_case.items()):
+    for (dim, rows, n), impls in sorted(by_case.items(), key=lambda item: (item[0][0], item[0][2], item[0][1])):
         plain, fused = impls.get("plain", {}), impls.get("fused", {})
         cells = []
         for r in (plain, fused):
@@ -164,7 +180,8 @@ def table(records: list[dict]) -> str:
         both = "ms" in plain and "ms" in fused
         speedup = f"{plain['ms'] / fused['ms']:7.2f}x" if both else f"{'-':>8}"
         memory = f"{plain['peak_mib'] / fused['peak_mib']:7.0f}x" if both else f"{'-':>8}"
-        lines.append(f"{dim:5d} {n:8d} | {cells[0]} {cells[1]} | {cells[2]} {cells[3]} | {speedup} {memory}")
+        keys = str(n) if rows == n else f"{rows}x{n}"
+        lines.append(f"{dim:5d} {keys:>11} | {cells[0]} {cells[1]} | {cells[2]} {cells[3]} | {speedup} {memory}")
     return "\n".join(lines)
 
 

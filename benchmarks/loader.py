@@ -53,14 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     timed = p.add_mutually_exclusive_group()
     timed.add_argument("--batches", type=int, default=30, help="timed batches")
     timed.add_argument("--epochs", type=int, help="timed epochs instead (floor(N / batch) batches each)")
+    p.add_argument("--baseline-batches", type=int,
+                   help="timed torchvision batches, if not as many as DALI's (it is often 100x slower)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="torchvision workers = DALI threads")
     p.add_argument("--create-workers", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "gpu", "auto"], default="auto")
     p.add_argument("--hw-decoder-loads", type=float, nargs="+", default=[0.0, 0.65, 0.9])
     p.add_argument("--json", type=Path, help="write the JSON lines here instead of stdout")
     args = p.parse_args(argv)
-    if min(args.batch_size, args.warmup, args.batches, args.epochs or 1, args.workers) < 1:
-        p.error("--batch-size, --warmup, --batches, --epochs and --workers must be positive")
+    optional = [n for n in (args.epochs, args.baseline_batches) if n is not None]
+    if min(args.batch_size, args.warmup, args.batches, *optional, args.workers) < 1:
+        p.error("--batch-size, --warmup, --batches, --epochs, --baseline-batches and --workers must be positive")
     return args
 
 
@@ -176,7 +179,7 @@ def run(args, shards: Path, report) -> None:
     dataset = ShardImages(shards, [torchvision_view(r) for r in recipes])
     # Each worker makes whole batches, so they arrive `workers` at a time: count whole rounds, or a clock
     # started or stopped mid-round is off by up to a round.
-    warmup, steps = (-(-n // args.workers) * args.workers for n in (args.warmup, timed))
+    warmup, steps = (-(-n // args.workers) * args.workers for n in (args.warmup, args.baseline_batches or timed))
     # One sampler pass spans all epochs, so workers never drain at an epoch's end (DALI's reader does not
     # either); with a small set that would leave most of them idle.
     sampler = RandomSampler(dataset, num_samples=(warmup + steps) * args.batch_size)
