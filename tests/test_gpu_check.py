@@ -41,7 +41,7 @@ def test_dry_run_prints_each_step_with_its_budget():
     assert all(b > 0 for b in budgets) and sum(budgets) <= 360  # 6 minutes on the H200
     assert f"budgets: {sum(budgets)} s in all" in result.stdout
     commands = {r[0]: r[3] for r in rows}
-    assert "pytest" in commands["tests"] and "-m gpu" in commands["tests"]
+    assert "pytest" in commands["tests"] and "-m gpu" in commands["tests"] and "--junitxml" in commands["tests"]
     assert "--sizes 16384 65536 262144" in commands["infonce"] and "512x32768" in commands["infonce"]
     assert "engine.zero_stage=2" in commands["train"] and "MINUTES=1.5" in commands["cifar10"]
     only = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--only", "loader"], capture_output=True, text=True, timeout=30)
@@ -172,6 +172,24 @@ def test_report_files(report, h200_work, tmp_path, monkeypatch):
     log = (out / "gpu_check.log").read_text()
     assert log.index("===== tests (last 1000 of 5000 bytes) =====") < log.index("===== cifar10 =====")
     assert "x" * 1000 in log and "x" * 1001 not in log
+
+
+def test_tests_cut_short_are_counted_from_the_log(report, h200_work, tmp_path):
+    """Without the JUnit report (pytest stopped by its budget) the counts come from the -v log, and the
+    figure fails: not every test ran."""
+    (h200_work / "tests.xml").unlink()
+    (h200_work / "logs" / "tests.log").write_text(
+        "tests/test_gpu_sync.py::test_one[simclr-plain] PASSED     [  1%]\n"
+        "[gw1] [  2%] PASSED tests/test_gpu_sync.py::test_one[metaug-NT-Xent, clamped weights] \n"
+        "[gw0] [  3%] SKIPPED tests/test_gpu_sync.py::test_one[sdclr-feature_aug] \n"
+        "tests/test_loader.py::test_gpu FAILED     [  4%]\n"
+        "ERROR tests/test_mixing.py::test_cuda[x] - RuntimeError: CUDA error\n"
+        "=== short test summary info ===\nFAILED tests/test_loader.py::test_gpu - AssertionError: 0.3 > 0.1\n")
+    by = rows(report.write(h200_work, tmp_path / "out"))
+    tests, sync = by["GPU tests (pytest -m gpu)"], by["no host sync in a training step (test_gpu_sync)"]
+    assert tests["value"] == "2 passed, 2 failed, 1 skipped (from the log of a run cut short)"
+    assert tests["result"] == sync["result"] == "FAIL"
+    assert sync["value"].startswith("2 passed, 0 failed, 1 skipped")
 
 
 def test_report_of_an_empty_folder(report, tmp_path):
