@@ -35,7 +35,7 @@ cd "$root"
 # The GPU tests are mostly Triton compiles (every new kernel specialisation autotunes 13 configurations):
 # pytest-xdist spreads them over the 16 cores when it is installed, and fp32 kernels at D >= 128, whose ieee
 # dots unroll into FMAs that take minutes per configuration to compile (tests/test_triton_aot.py), stay out.
-# Budgets: an H200 runs each well inside its own (benchmarks/README.md, "The GPU check"), and the whole
+# Budgets: an H200 should run each well inside its own (benchmarks/README.md, gpu_check.sh), and the whole
 # stays at 6 minutes, so a failed step can be rerun within the session's 15 minutes of device time.
 STEPS=(
   'data|15||mkdir -p "$WORK/data" && tar xzf "$ARCHIVE" -C "$WORK/data" && du -sh "$WORK"/data/*'
@@ -49,6 +49,11 @@ STEPS=(
 selected() {  # data always runs: the other steps read what it unpacks
   [ -z "$only" ] || [ "$1" = data ] || [[ ",$only," == *",$1,"* ]]
 }
+
+names=" ${STEPS[*]%%|*} "
+for name in ${only//,/ }; do
+  [[ $names == *" $name "* ]] || { echo "--only: no step '$name' (steps:$names)" >&2; exit 2; }
+done
 
 if [ "$dry_run" = 1 ]; then
   total=0

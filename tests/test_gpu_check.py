@@ -48,9 +48,11 @@ def test_dry_run_prints_each_step_with_its_budget():
     assert re.findall(r"^  (\w+) ", only.stdout, re.M) == ["data", "loader"]
 
 
-def test_usage_without_out_dir():
+def test_usage_without_out_dir_and_unknown_steps():
     result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "usage" in result.stderr
+    wrong = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--only", "loader,trian"], capture_output=True, text=True, timeout=30)
+    assert wrong.returncode == 2 and "no step 'trian'" in wrong.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run on a machine without CUDA")
