@@ -51,27 +51,32 @@ class ChunkedRowLSE(torch.autograd.Function):
     def backward(ctx, grad_lse):
         q, keys, queue, exclude, lse = ctx.saved_tensors
         want_q, want_keys = ctx.needs_input_grad[0], keys is not None and ctx.needs_input_grad[1]
-        work = lse.dtype
-        q_work, grad_lse = q.to(work), grad_lse.to(work)
-        grad_q = torch.zeros_like(q_work) if want_q else None
-        grad_keys = torch.zeros_like(keys, dtype=work) if want_keys else None
-        for key_set, key_exclude, grad_set in ((keys, exclude, grad_keys), (queue, None, None)):
-            for start, block in _chunks(key_set, q.shape[0]):
-                block = block.to(work)
-                z, slope = ctx.logits.value_and_slope(q_work @ block.T)
-                # d lse_i / d z_ij = softmax_ij; the chain rule through z adds the slope.
-                weights = torch.exp(z - lse[:, None]) * (grad_lse[:, None] * slope)
-                mask = _excluded(key_exclude, start, block.shape[0])
-                if mask is not None:  # also clears the NaNs of rows with no key left (lse = -inf)
-                    weights = weights.masked_fill(mask, 0.0)
-                if grad_q is not None:
-                    grad_q += weights @ block
-                if grad_set is not None:
-                    grad_set[start : start + block.shape[0]] = weights.T @ q_work
-        return (
-            grad_q.to(q.dtype) if want_q else None,
-            grad_keys.to(keys.dtype) if want_keys else None,
-            None,
-            None,
-            None,
-        )
+        grad_q, grad_keys = row_lse_grads(q, keys, queue, exclude, ctx.logits, lse, grad_lse, want_q, want_keys)
+        return grad_q, grad_keys, None, None, None
+
+
+def row_lse_grads(q, keys, queue, exclude, logits: Logits, lse, grad_lse, want_q: bool, want_keys: bool):
+    """(d/dq, d/dkeys) of Σ_i grad_lse_i·lse_i, each None unless wanted, in plain PyTorch ops: under
+    create_graph autograd differentiates them again (MetAug's meta step), for the Triton path too; the
+    graph then keeps every chunk's tensors, O(B·N) memory."""
+    work = lse.dtype
+    q_work, grad_lse = q.to(work), grad_lse.to(work)
+    grad_q = torch.zeros_like(q_work) if want_q else None
+    grad_keys = torch.zeros_like(keys, dtype=work) if want_keys else None
+    for key_set, key_exclude, grad_set in ((keys, exclude, grad_keys), (queue, None, None)):
+        for start, block in _chunks(key_set, q.shape[0]):
+            block = block.to(work)
+            z, slope = logits.value_and_slope(q_work @ block.T)
+            # d lse_i / d z_ij = softmax_ij; the chain rule through z adds the slope.
+            weights = torch.exp(z - lse[:, None]) * (grad_lse[:, None] * slope)
+            mask = _excluded(key_exclude, start, block.shape[0])
+            if mask is not None:  # also clears the NaNs of rows with no key left (lse = -inf)
+                weights = weights.masked_fill(mask, 0.0)
+            if grad_q is not None:
+                grad_q += weights @ block
+            if grad_set is not None:
+                grad_set[start : start + block.shape[0]] = weights.T @ q_work
+    return (
+        grad_q.to(q.dtype) if want_q else None,
+        grad_keys.to(keys.dtype) if want_keys else None,
+    )

@@ -21,16 +21,19 @@ class ScaledLogits:
         return x * self.scale, self.scale
 
 
-def circle_logits(s: torch.Tensor, sign: float, beta: float, optimum: float, margin: float, detach_weight: bool):
-    """OUCL's self-paced logit sign·β·Γ·(s − margin), with Γ = [sign·(s − optimum)]₊.
-
-    sign = +1 for negatives (Γ⁻ = [s − O⁻]₊), −1 for positives (Γ⁺ = [O⁺ − s]₊). With `detach_weight`, Γ is
-    a constant in the backward pass, the convention of circle-loss-style weightings.
-    """
+def circle_weight(s: torch.Tensor, sign: float, optimum: float, detach: bool) -> torch.Tensor:
+    """OUCL's Γ = [sign·(s − optimum)]₊; with `detach`, a constant to autograd in every derivative (the
+    convention of circle-loss-style weightings, and of the released code's meta step)."""
     weight = (sign * (s - optimum)).clamp_min(0)
-    if detach_weight:
-        weight = weight.detach()
-    return sign * beta * weight * (s - margin)
+    return weight.detach() if detach else weight
+
+
+def circle_logits(s: torch.Tensor, sign: float, beta: float, optimum: float, margin: float, detach_weight: bool):
+    """OUCL's self-paced logit sign·β·Γ·(s − margin), with Γ = `circle_weight(s, sign, optimum, detach_weight)`.
+
+    sign = +1 for negatives (Γ⁻ = [s − O⁻]₊), −1 for positives (Γ⁺ = [O⁺ − s]₊).
+    """
+    return sign * beta * circle_weight(s, sign, optimum, detach_weight) * (s - margin)
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,12 @@ class CircleNegativeLogits:
     detach_weight: bool
 
     def value_and_slope(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z and dz/dx from one Γ, so that a backward differentiated again (create_graph) sees Γ exactly
+        as the reference's autograd does: a constant with `detach_weight`, a function of x without."""
         s = (x + 1) * 0.5
-        value = circle_logits(s, 1.0, self.beta, self.optimum, self.margin, detach_weight=False)
-        weight = (s - self.optimum).clamp_min(0)
+        weight = circle_weight(s, 1.0, self.optimum, self.detach_weight)
         dz_ds = weight if self.detach_weight else weight + (s > self.optimum) * (s - self.margin)
-        return value, 0.5 * self.beta * dz_ds
+        return self.beta * weight * (s - self.margin), 0.5 * self.beta * dz_ds
 
 
 Logits = ScaledLogits | CircleNegativeLogits

@@ -14,7 +14,6 @@ margins): L = log[1 + Σ_neg Σ_pos exp((cos⁻ − cos⁺)/T)], T = 2/β.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import checks
 from .logits import CircleNegativeLogits, ScaledLogits, circle_logits
@@ -38,8 +37,8 @@ def oucl_log_sum_exps(
     """(LSE_neg [B], LSE_pos [B]) of anchors [B, D] against keys [N, D], both L2-normalised.
 
     positives: key indices per anchor, [B] or [B, P]; every other key is a negative. mask_self as in
-    `info_nce` (True: key i is anchor i itself and is neither). detach_weights: Γ is a constant in the
-    backward pass, as in circle-loss-style weightings. impl as in `info_nce`.
+    `info_nce` (True: key i is anchor i itself and is neither). detach_weights: Γ is a constant in
+    every derivative (first and second), as in circle-loss-style weightings. impl as in `info_nce`.
     """
     checks.check_features("anchors", anchors)
     checks.check_features("keys", keys, like=anchors)
@@ -72,7 +71,8 @@ def oucl_loss(anchors, keys, positives, reduction: str = "mean", **options) -> t
     """softplus(LSE_neg + LSE_pos) per anchor, reduced ("mean", "sum" or "none"); options as above."""
     checks.check_choice("reduction", reduction, REDUCTIONS)
     lse_neg, lse_pos = oucl_log_sum_exps(anchors, keys, positives, **options)
-    rows = F.softplus(lse_neg + lse_pos)
+    total = lse_neg + lse_pos
+    rows = torch.logaddexp(total, torch.zeros_like(total))  # F.softplus is x above x = 20: 2e-9 off in fp64
     if reduction == "none":
         return rows
     return rows.mean() if reduction == "mean" else rows.sum()

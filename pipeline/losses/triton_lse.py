@@ -5,6 +5,8 @@ fp16/bf16/fp32 inputs, applies the epilogue (z = S/τ, or OUCL's weighted negati
 max and sum (online log-sum-exp); only lse [B] is stored.
 Backward recomputes the tiles, W = g·softmax·dz/dx, and needs no atomics: one kernel over query blocks
 accumulates dQ = W·K, a second over key blocks accumulates dKᵀ = Wᵀ·Q (so autotuning may rerun both).
+A backward that is to be differentiated again (create_graph, MetAug's meta step) runs chunked's PyTorch
+code instead, which autograd can follow; the derivatives of lse in it come back to these kernels.
 Features up to D = 256 are one chunk that stays in registers. Wider ones (up to 1024) go in chunks of
 128: each backward program owns one chunk of its output, so the fp32 accumulator fits in registers, and
 recomputes the tile scores over all chunks (ptxas reports spills there, unlike at D = 128 and 256).
@@ -20,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunked import row_lse_grads
 from .logits import CircleNegativeLogits, Logits, ScaledLogits
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -250,14 +253,13 @@ def _constants(q: torch.Tensor, logits: Logits) -> dict:
 
 
 class TritonRowLSE(torch.autograd.Function):
-    """`row_lse.row_log_sum_exp` on the Triton kernels; lse is fp32."""
+    """`row_lse.row_log_sum_exp` on the Triton kernels; lse is fp32. Under create_graph the backward is
+    chunked's PyTorch one instead, which autograd can differentiate again (the kernels' it cannot)."""
 
     @staticmethod
     def forward(ctx, q, keys, queue, exclude, logits: Logits):
-        q = q.contiguous()
-        keys, n_keys = _key_set(keys, q)
-        queue, n_queue = _key_set(queue, q)
-        exclude = None if exclude is None else exclude.to(torch.int32).contiguous()
+        given = q, keys, queue, exclude
+        q, (keys, n_keys), (queue, n_queue), exclude = _kernel_inputs(q, keys, queue, exclude)
         constants = dict(_constants(q, logits), N_EXCLUDE=0 if exclude is None else exclude.shape[1])
         exclude_stride = 0 if exclude is None else exclude.stride(0)
         lse = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
@@ -265,30 +267,42 @@ class TritonRowLSE(torch.autograd.Function):
             q, keys, queue, exclude, lse, q.shape[0], n_keys, n_queue,
             q.stride(0), keys.stride(0), queue.stride(0), exclude_stride, **constants,
         )
-        ctx.save_for_backward(q, keys, queue, exclude, lse)
-        ctx.sizes, ctx.exclude_stride, ctx.constants = (n_keys, n_queue), exclude_stride, constants
+        # The inputs as given, not contiguous copies: a backward differentiated again must reach them.
+        ctx.save_for_backward(*given, lse)
+        ctx.logits, ctx.exclude_stride, ctx.constants = logits, exclude_stride, constants
         return lse
 
     @staticmethod
     def backward(ctx, grad_lse):
         q, keys, queue, exclude, lse = ctx.saved_tensors
-        (n_keys, n_queue), exclude_stride, constants = ctx.sizes, ctx.exclude_stride, ctx.constants
+        want_q, want_keys = ctx.needs_input_grad[0], keys is not None and ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph
+            grads = row_lse_grads(q, keys, queue, exclude, ctx.logits, lse, grad_lse, want_q, want_keys)
+            return (*grads, None, None, None)
+        q, (keys, n_keys), (queue, n_queue), exclude = _kernel_inputs(q, keys, queue, exclude)
+        exclude_stride, constants = ctx.exclude_stride, ctx.constants
         grad_lse = grad_lse.float().contiguous()  # the mean's backward hands over a stride-0 view
         chunks = triton.cdiv(q.shape[1], constants["BLOCK_D"])
         grad_q = grad_keys = None
-        if ctx.needs_input_grad[0]:
+        if want_q:
             grad_q = torch.empty_like(q)
             _query_grad_kernel[lambda meta: (triton.cdiv(q.shape[0], meta["BLOCK_M"]), chunks)](
                 q, keys, queue, exclude, lse, grad_lse, grad_q, q.shape[0], n_keys, n_queue,
                 q.stride(0), keys.stride(0), queue.stride(0), exclude_stride, grad_q.stride(0), **constants,
             )
-        if n_keys and ctx.needs_input_grad[1]:
+        if want_keys:
             grad_keys = torch.empty_like(keys)
             _key_grad_kernel[lambda meta: (triton.cdiv(n_keys, meta["BLOCK_N"]), chunks)](
                 q, keys, exclude, lse, grad_lse, grad_keys, q.shape[0], n_keys,
                 q.stride(0), keys.stride(0), exclude_stride, grad_keys.stride(0), **constants,
             )
         return grad_q, grad_keys, None, None, None
+
+
+def _kernel_inputs(q, keys, queue, exclude):
+    """Contiguous q, (keys, count), (queue, count) and int32 exclude, as the kernels read them."""
+    q = q.contiguous()
+    return q, _key_set(keys, q), _key_set(queue, q), None if exclude is None else exclude.to(torch.int32).contiguous()
 
 
 def _key_set(keys: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int]:

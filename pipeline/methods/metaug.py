@@ -27,11 +27,11 @@ the generated keys ŝ⁺ (every generated feature of a's image) and ŝ⁻ (those
 R = mean([ŝ⁺ − m⁺]₊) + mean([m⁻ − ŝ⁻]₊). m± stay differentiable (functions of θ'), as in the released code.
 
 What is differentiated twice (the inner loss, so also OUCL([z1, z2]) shared with (b)) runs on the chunked
-PyTorch loss (or the dense reference), never on the Triton kernels, whose backward autograd cannot see
-into; the rest follows method.loss_impl. With OUCL's Γ weights the loss module treats Γ as a constant in
-the backward (circle-loss convention), so ∇θ L is that surrogate gradient, and its derivative in the meta
-step holds Γ⁺ constant too; with Γ = 1 (the released switches) every derivative is exact. With gradient
-accumulation the meta step runs on every micro-batch.
+PyTorch loss (or the dense reference): under create_graph the Triton path's backward is that PyTorch code
+anyway; the rest follows method.loss_impl. With OUCL's Γ weights the loss module treats Γ⁺ and Γ⁻ as
+constants in every derivative (circle-loss convention), so ∇θ L is that surrogate gradient, and its
+derivative in the meta step holds Γ constant too, as the released code does; with Γ = 1 (the released
+switches) every derivative is exact. With gradient accumulation the meta step runs on every micro-batch.
 
 The generators' parameters have requires_grad=False: they are the method's own (left out of `param_groups`), outside
 the engine's optimizer, gradient all-reduce and the universal checkpoint's trained set; the meta step
@@ -115,8 +115,8 @@ class MetAug(Method):
         self.delta, self.reg_weight, self.inner_lr, self.scope = m.delta, m.reg_weight, m.inner_lr, m.scope
         self.oucl = dict(beta=o.beta, gamma=o.gamma, weighting=o.weighted, margins=o.margins)
         self.impl = cfg.method.loss_impl
-        # The paths differentiated twice need a loss whose backward is itself differentiable: the chunked
-        # PyTorch path or the dense reference, never the Triton kernels (their backward is opaque to autograd).
+        # The paths differentiated twice: the chunked PyTorch path or the dense reference. Triton's backward
+        # under create_graph is the chunked one, so its kernels would serve only the forward there.
         self.impl_twice = "reference" if self.impl == "reference" else "chunked"
 
     def get_extra_state(self) -> dict:
