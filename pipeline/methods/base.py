@@ -31,10 +31,13 @@ from pipeline.methods.feature_aug import FeatureAugConfig, KeyContrast
 @dataclass(frozen=True)
 class Views:
     """The views a method takes: `global_views` first (one size), then any number of smaller local views
-    when `local_views` (multi-crop)."""
+    when `local_views` (multi-crop). `raw_rgb`: the views must be unnormalised sRGB in [0, 1] with their
+    colours untouched (no jitter, grayscale or solarisation), for a method that changes colour space itself
+    (CMC's Lab)."""
 
     global_views: int = 2
     local_views: bool = False
+    raw_rgb: bool = False
 
     def check(self, cfg: Config) -> None:
         recipes = cfg.data.view_recipes()
@@ -45,6 +48,15 @@ class Views:
             raise ValueError(f"method.name={name} takes {takes}; data.views gives {len(recipes)} (sizes {sizes})")
         if len(set(sizes[:n])) > 1:
             raise ValueError(f"method.name={name}: its {n} global views need one size; data.views gives sizes {sizes[:n]}")
+        if self.raw_rgb:
+            for i, r in enumerate(recipes):
+                changed = {"mean": r.mean != (0.0, 0.0, 0.0), "std": r.std != (1.0, 1.0, 1.0), "grayscale": r.grayscale > 0,
+                           "solarize": r.solarize > 0, "color_jitter": r.color_jitter is not None and r.color_jitter.probability > 0}
+                if any(changed.values()):
+                    found = ", ".join(f"{k}={getattr(r, k)}" for k, v in changed.items() if v)
+                    raise ValueError(f"method.name={name} takes unnormalised sRGB views with their colours untouched "
+                                     f"(mean [0, 0, 0], std [1, 1, 1], no color_jitter, grayscale or solarize); "
+                                     f"data.views[{i}] has {found}")
 
 
 class Method(nn.Module):
