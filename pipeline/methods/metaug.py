@@ -1,42 +1,50 @@
 """MetAug (Contrastive Learning via Meta Feature Augmentation, ICML 2022) with the OUCL loss.
 
-Two views x1, x2 give L2-normalised projector features z1, z2 ([B, D] each, fp32); one generator per
-view gives augmented features g_v = normalize(G_v(z_v)). With OUCL(sets) the loss over feature sets of the
+Two views x1, x2 give L2-normalised projector features z = [z1, z2] ([B, D] each, fp32); one generator per
+view gives augmented features g_v = normalize(G_v(z_v)). OUCL(sets) is the loss over feature sets of the
 same local images (`contrast`: every row an anchor against the gathered keys of every set, the positives
-the same image in the other sets, everything else a negative, the anchor itself masked):
+the same image in the other sets, everything else a negative, the anchor itself masked). θ: encoder
+(backbone + projector), φ: generators, R: the margin-injected regulariser below.
 
-    L(θ, φ) = OUCL([z1, z2]) + δ · OUCL([z1, z2, g1, g2])                  θ: encoder, φ: generators
+method.metaug.form=released (default): the training step of the released train_MetAug.py, in the
+in-batch setting of this project (its CMC memory bank and Lab views are not here). One objective
+    F(θ, φ) = (16/β) · [OUCL(z) + δ · (OUCL([g1, z2]) + OUCL([z1, g2]) + OUCL([g1, g2]))] + w · R
+(generated features replace each view, then all views; R's positive term scaled by 1e-4) serves as
+  (1) the encoder loss, returned by `forward` for the engine (generators applied with detached weights,
+      so `engine.backward` reaches the encoder, also through g → z, and never the generators); then the
+      engine's optimizer steps: θ → θ₁;
+  (2) in `after_step`, the meta step on the same inputs at θ₁: θ' = θ₁ − ε·∇θ F(θ₁, φ) over the whole
+      encoder (scope=encoder, ε = 1e-3), M(φ) = F(θ'(φ), φ), one SGD step of the generators (lr 0.03,
+      momentum 0.9, weight decay 1e-4) on dM/dφ.
+method.metaug.form=meta_first: the meta step runs first, inside `forward`, from the features at θ, with
+L = OUCL(z) + δ · OUCL([z1, z2, g1, g2]) as encoder and inner loss and M = L(θ') + w · R (R unscaled, only
+here), Adam generators, scope=projector and ε = 0.01 unless set; then the encoder loss L(θ, φ_new), whose
+OUCL(z) is the tensor the meta step used.
 
-Each `forward(views)`, in this order:
-  (a) meta step, generators only. θ' = θ − ε·∇θ L(θ, φ) over the weights in `scope` (projector, or
-      backbone + projector), with the graph kept (create_graph), averaged over ranks with a collective
-      that is itself differentiable; then the meta objective at θ'
-          M(φ) = L(θ'(φ), φ) + reg_weight · R(z(θ'), g(θ', φ))
-      and dM/dφ by torch.autograd.grad: the direct path through g, plus the second-order path through
-      θ'(φ) = θ − ε·∇θ L(θ, φ) (∂²L/∂θ∂φ, present because L's δ term depends on φ). The gradients are
-      averaged over ranks and applied by the method's own Adam; encoder weights and their `.grad` are not
-      touched, and no generator `.grad` is left behind.
-  (b) the encoder loss returned for the engine: L(θ, φ_new) with the just-updated generators applied with
-      detached weights, so `engine.backward` reaches the encoder (also through g → z) and never the
-      generators. OUCL([z1, z2]) is the same tensor in (a) and (b): one backbone pass per step for
-      scope=projector, two (θ and θ') for scope=encoder.
+The meta step in both forms: θ' over the weights in `scope` (projector, or backbone + projector) with the
+graph kept (create_graph), the gradient averaged over ranks with a collective that is itself
+differentiable; dM/dφ by torch.autograd.grad: the direct path through g, plus the second-order path
+through θ'(φ) (∂²F/∂θ∂φ, present because the δ terms and R depend on φ), averaged over ranks and applied
+by the method's own optimizer; encoder weights and their `.grad` are not touched, no generator `.grad`
+is left behind, and BatchNorm statistics are updated by the step's own pass only.
 
-R, the margin-injected regulariser (METHODS.md), per original anchor a (rows of z1, z2) with
-s = (cos+1)/2 against the original keys: m⁺ = min(min s⁺, max s⁻), m⁻ = max(min s⁺, max s⁻), and against
-the generated keys ŝ⁺ (every generated feature of a's image) and ŝ⁻ (those of other images):
-R = mean([ŝ⁺ − m⁺]₊) + mean([m⁻ − ŝ⁻]₊). m± stay differentiable (functions of θ'), as in the released code.
+R (METHODS.md), per original anchor a (rows of z1, z2) with s = (cos+1)/2 against the original keys:
+m⁺ = min(min s⁺, max s⁻), m⁻ = max(min s⁺, max s⁻), and against the generated keys ŝ⁺ (every generated
+feature of a's image) and ŝ⁻ (those of other images): R = p · mean([ŝ⁺ − m⁺]₊) + mean([m⁻ − ŝ⁻]₊),
+p = 1e-4 released (util.py's margin_hyper), 1 in meta_first. m± stay differentiable, as released.
 
-What is differentiated twice (the inner loss, so also OUCL([z1, z2]) shared with (b)) runs on the chunked
-PyTorch loss (or the dense reference): under create_graph the Triton path's backward is that PyTorch code
-anyway; the rest follows method.loss_impl. With OUCL's Γ weights the loss module treats Γ⁺ and Γ⁻ as
-constants in every derivative (circle-loss convention), so ∇θ L is that surrogate gradient, and its
-derivative in the meta step holds Γ constant too, as the released code does; with Γ = 1 (the released
-switches) every derivative is exact. With gradient accumulation the meta step runs on every micro-batch.
+What is differentiated twice (the inner loss) runs on the chunked PyTorch loss (or the dense reference):
+under create_graph the Triton path's backward is that PyTorch code anyway; the rest follows
+method.loss_impl. With OUCL's Γ weights the loss module treats Γ⁺ and Γ⁻ as constants in every derivative
+(circle-loss convention), so ∇θ F is that surrogate gradient, and its derivative in the meta step holds Γ
+constant too, as the released code does; with Γ = 1 (the released switches) every derivative is exact.
+With gradient accumulation the meta step runs on every micro-batch.
 
-The generators' parameters have requires_grad=False: they are the method's own (left out of `param_groups`), outside
-the engine's optimizer, gradient all-reduce and the universal checkpoint's trained set; the meta step
-differentiates with respect to detached leaf copies that share their storage. They are in the module's
-state (checkpointed with it), and so are their Adam moments, as the module's extra state.
+The generators' parameters have requires_grad=False: they are the method's own (left out of
+`param_groups`), outside the engine's optimizer, gradient all-reduce and the universal checkpoint's
+trained set; the meta step differentiates with respect to detached leaf copies that share their storage.
+They are in the module's state (checkpointed with it), and so is their optimizer's state (SGD momentum or
+Adam moments), as the module's extra state (`get_extra_state`), which DeepSpeed's module file holds.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from models.generators import feature_generators
 from pipeline.config import MethodConfig, Strict
@@ -61,6 +69,10 @@ from pipeline.methods import register_method
 from pipeline.methods.base import Method
 
 Params = dict[str, torch.Tensor]
+
+# The released train_MetAug.py: its generators' optimizers and util.py's margin_hyper.
+RELEASED_GENERATOR_SGD = {"momentum": 0.9, "weight_decay": 1e-4}
+RELEASED_POSITIVE_WEIGHT = 1e-4
 
 
 def call_with(module: nn.Module, params: Params, *args, update_buffers: bool = False):
@@ -84,13 +96,29 @@ class OUCLSettings(Strict):
     margins: bool = True
 
 
+# What `form: meta_first` changes where the recipe does not set it (the fields' defaults are the released form's).
+META_FIRST_DEFAULTS = {"scope": "projector", "inner_lr": 0.01, "generator_lr": 1e-3}
+
+
 class MetAugSettings(Strict):
-    delta: float = Field(1e-5, ge=0.0)  # weight of OUCL with generated features in the encoder step
-    reg_weight: float = Field(1e-5, ge=0.0)  # weight of the margin-injected regulariser in the meta step
-    inner_lr: float = Field(0.01, gt=0.0)  # epsilon of the fast weights
-    scope: Literal["projector", "encoder"] = "projector"  # the weights the fast-weight step runs through
+    """form=released: the training step of the released train_MetAug.py (see `MetAug`); form=meta_first: the
+    meta step before the encoder step, one OUCL over originals and generated, R in the meta objective only,
+    Adam generators (this project's first form), with its own defaults for scope, inner_lr, generator_lr."""
+
+    form: Literal["released", "meta_first"] = "released"
+    delta: float = Field(1e-5, ge=0.0)  # weight of the OUCL terms with generated features
+    reg_weight: float = Field(1e-5, ge=0.0)  # weight of the margin-injected regulariser
+    inner_lr: float = Field(1e-3, gt=0.0)  # epsilon of the fast weights (released: bb_learning_rate)
+    scope: Literal["projector", "encoder"] = "encoder"  # the weights the fast-weight step runs through
     generator_hidden: int = Field(2048, ge=1)
-    generator_lr: float = Field(1e-3, gt=0.0)
+    generator_lr: float = Field(0.03, gt=0.0)  # released: SGD, momentum 0.9, weight decay 1e-4; meta_first: Adam
+
+    @model_validator(mode="before")
+    @classmethod
+    def form_defaults(cls, data):
+        if isinstance(data, dict) and data.get("form") == "meta_first":
+            return {**META_FIRST_DEFAULTS, **data}
+        return data
 
 
 class MetAugConfig(MethodConfig):
@@ -111,16 +139,24 @@ class MetAug(Method):
         dim = cfg.model.projector.out_dim
         self.generators = generators if generators is not None else feature_generators(2, dim, m.generator_hidden)
         self.generators.requires_grad_(False)
-        self.generator_optimizer = torch.optim.Adam(self.generators.parameters(), lr=m.generator_lr)
+        self.released = m.form == "released"
+        params = self.generators.parameters()
+        self.generator_optimizer = (torch.optim.SGD(params, lr=m.generator_lr, **RELEASED_GENERATOR_SGD) if self.released
+                                    else torch.optim.Adam(params, lr=m.generator_lr))
         self.delta, self.reg_weight, self.inner_lr, self.scope = m.delta, m.reg_weight, m.inner_lr, m.scope
         self.oucl = dict(beta=o.beta, gamma=o.gamma, weighting=o.weighted, margins=o.margins)
+        # released: CircleLoss divides by its scale and multiplies by 16; util.py scales R's positive term
+        self.oucl_scale = 16.0 / o.beta if self.released else 1.0
+        self.positive_weight = RELEASED_POSITIVE_WEIGHT if self.released else 1.0
+        self.pending: list[torch.Tensor] = []  # released: this step's inputs, for the meta step after it
+        self.meta_parts: list[dict[str, torch.Tensor]] = []  # released: logged with the next forwards
         self.impl = cfg.method.loss_impl
         # The paths differentiated twice: the chunked PyTorch path or the dense reference. Triton's backward
         # under create_graph is the chunked one, so its kernels would serve only the forward there.
         self.impl_twice = "reference" if self.impl == "reference" else "chunked"
 
     def get_extra_state(self) -> dict:
-        """The generators' Adam state travels with the module's state dict, hence with every checkpoint."""
+        """The generators' optimizer state travels with the module's state dict, hence with every checkpoint."""
         return self.generator_optimizer.state_dict()
 
     def set_extra_state(self, state: dict) -> None:
@@ -152,12 +188,17 @@ class MetAug(Method):
 
     def encode(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(x, h, [z1, z2]): both views in one batch (BatchNorm statistics over both), backbone output h,
-        L2-normalised projector features. Under scope=encoder attention runs on the math kernel, the only
-        one whose backward is differentiable again."""
+        L2-normalised projector features."""
         x = torch.cat(self.prepare_views(views))
-        with sdpa_kernel(SDPBackend.MATH) if self.scope == "encoder" else nullcontext():
-            h = self.backbone(x)
-        return x, h, self.project(self.projector(h))
+        return x, *self.features_of(x, twice=not self.released)  # meta_first's meta step starts from them
+
+    def features_of(self, x: torch.Tensor, update_buffers: bool = True, twice: bool = True):
+        """(h, [z1, z2]) of the batched views x at the current weights. When they will be differentiated
+        `twice` under scope=encoder, attention runs on the math kernel, the only one whose backward is
+        differentiable again."""
+        with sdpa_kernel(SDPBackend.MATH) if twice and self.scope == "encoder" else nullcontext():
+            h = call_with(self.backbone, {}, x, update_buffers=update_buffers)
+        return h, self.project(call_with(self.projector, {}, h, update_buffers=update_buffers))
 
     @staticmethod
     def project(p: torch.Tensor) -> list[torch.Tensor]:
@@ -189,16 +230,31 @@ class MetAug(Method):
         positives = (others[:, None, :] * n + own[None, :, None]).reshape(count * rows, count - 1)
         return oucl_loss(torch.cat(sets), keys, positives, mask_self=selves, impl=impl or self.impl, **self.oucl)
 
-    def encoder_loss(self, z, generated, l_orig=None, impl=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(L, OUCL of originals, OUCL of originals and generated) with L = the first + δ · the second."""
+    def generated_sets(self, z: list[torch.Tensor], generated: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """The feature sets of the OUCL terms with generated features. released: each view replaced by its
+        generated features alone, then all views (2 views: 3 terms; the released code's 3 CMC views: 4);
+        meta_first: originals and generated together in one term."""
+        if not self.released:
+            return [z + generated]
+        return [z[:v] + [generated[v]] + z[v + 1 :] for v in range(len(z))] + [generated]
+
+    def objective(self, z, generated, l_orig=None, impl=None, with_reg=False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, parts): scale · (OUCL(z) + δ · Σ OUCL(generated sets)) + R's weight · R, with R in the
+        released form always (encoder loss, inner loss and meta objective alike), in meta_first only
+        `with_reg` (the meta objective). scale = 16/β released, 1 otherwise."""
         impl = impl or self.impl
         l_orig = self.contrast(z, impl) if l_orig is None else l_orig
-        l_aug = self.contrast(z + generated, impl)
-        return l_orig + self.delta * l_aug, l_orig, l_aug
+        l_aug = sum(self.contrast(sets, impl) for sets in self.generated_sets(z, generated))
+        loss = self.oucl_scale * (l_orig + self.delta * l_aug)
+        parts = {"oucl": l_orig, "oucl_generated": l_aug}
+        if with_reg or self.released:
+            parts["reg"] = self.margin_regulariser(z, generated)
+            loss = loss + self.reg_weight * parts["reg"]
+        return loss, parts
 
     def margin_regulariser(self, originals: list[torch.Tensor], generated: list[torch.Tensor]) -> torch.Tensor:
         """R of METHODS.md for the local original anchors against the gathered original and generated keys
-        (dense [S·B, S·N] similarities)."""
+        (dense [S·B, S·N] similarities), its positive term scaled by `positive_weight`."""
         count, rows = len(originals), originals[0].shape[0]
         keys = gather_with_grad(torch.stack(originals + generated, 1))  # [N, 2S, D]
         n = keys.shape[0]
@@ -219,7 +275,7 @@ class MetAug(Method):
         m_pos, m_neg = torch.minimum(hardest_pos, hardest_neg), torch.maximum(hardest_pos, hardest_neg)
         easy_pos = torch.where(same, (s_gen - m_pos).clamp_min(0), 0.0).sum() / same.sum()
         easy_neg = torch.where(same, 0.0, (m_neg - s_gen).clamp_min(0)).sum() / (~same).sum()
-        return easy_pos + easy_neg
+        return self.positive_weight * easy_pos + easy_neg
 
     # --- the meta step (a) --------------------------------------------------------------------------------
 
@@ -246,22 +302,20 @@ class MetAug(Method):
         return fast
 
     def meta_objective_at(self, fast: dict[str, Params], x, h, gen_params: list[Params]):
-        """M = L(θ', φ) + reg_weight · R at the fast weights; (M, its parts, features z', generated g')."""
+        """M = `objective` with R at the fast weights; (M, its parts, features z', generated g')."""
         if "backbone" in fast:
             h = call_with(self.backbone, fast["backbone"], x)
         z = self.project(call_with(self.projector, fast["projector"], h))
         g = self.generate(z, gen_params)
-        loss, l_orig, l_aug = self.encoder_loss(z, g)
-        reg = self.margin_regulariser(z, g)
-        objective = loss + self.reg_weight * reg
-        parts = {"meta/objective": objective, "meta/oucl_fast": l_orig, "meta/oucl_generated_fast": l_aug,
-                 "meta/reg": reg}
+        objective, terms = self.objective(z, g, with_reg=True)
+        parts = {"meta/objective": objective, "meta/oucl_fast": terms["oucl"],
+                 "meta/oucl_generated_fast": terms["oucl_generated"], "meta/reg": terms["reg"]}
         return objective, parts, z, g
 
     def meta_objective(self, x, h, z, l_orig, gen_params: list[Params]):
         """M(φ) from the encoder's features at θ (x, h, z = `encode(...)`, l_orig = `contrast(z)` computed
         with a twice-differentiable impl): the inner loss with generators `gen_params`, the fast weights, M."""
-        inner, _, _ = self.encoder_loss(z, self.generate(z, gen_params), l_orig, impl=self.impl_twice)
+        inner, _ = self.objective(z, self.generate(z, gen_params), l_orig, impl=self.impl_twice)
         fast = self.fast_weights(inner)
         objective, parts, _, _ = self.meta_objective_at(fast, x, h, gen_params)
         return objective, parts
@@ -283,7 +337,7 @@ class MetAug(Method):
         return grads, parts
 
     def meta_step(self, x, h, z, l_orig) -> dict[str, torch.Tensor]:
-        """(a): one Adam step of the generators on dM/dφ. Returns the detached parts to log."""
+        """One step of the generators' optimizer on dM/dφ. Returns the detached parts to log."""
         grads, parts = self.meta_gradients(x, h, z, l_orig)
         params = list(self.generators.parameters())
         with torch.no_grad():
@@ -300,12 +354,30 @@ class MetAug(Method):
 
     def forward(self, views):
         x, h, z = self.encode(views)
-        l_orig = self.contrast(z, self.impl_twice)  # shared by (a) and (b)
-        parts = self.meta_step(x, h, z, l_orig)  # (a) generators only
-        generated = self.generate(z)  # (b) the updated generators, weights detached: gradient reaches z only
-        loss, l_orig, l_aug = self.encoder_loss(z, generated, l_orig)
+        if self.released:  # the encoder step first: the meta step follows the optimizer's (`after_step`)
+            if torch.is_grad_enabled():
+                self.pending.append(x)
+            logged = self.meta_parts.pop(0) if self.meta_parts else {}
+            l_orig = None
+        else:
+            l_orig = self.contrast(z, self.impl_twice)  # shared by (a) and (b)
+            logged = self.meta_step(x, h, z, l_orig)  # (a) generators only
+        generated = self.generate(z)  # the current generators, weights detached: gradient reaches z only
+        loss, parts = self.objective(z, generated, l_orig)
         with torch.no_grad():
             distance = torch.stack([1 - (g * zv).sum(1).mean() for g, zv in zip(generated, z)]).mean()
-        parts.update({"loss/oucl": l_orig.detach(), "loss/oucl_generated": l_aug.detach(),
-                      "meta/generated_cos_distance": distance})
-        return loss, parts
+        logged.update({f"loss/{k}": v.detach() for k, v in parts.items()})
+        logged["meta/generated_cos_distance"] = distance
+        return loss, logged
+
+    def after_step(self, progress: float) -> dict[str, float]:
+        """released: the meta step on each of the step's (micro-)batches, at the encoder weights the optimizer
+        has just updated, as train_MetAug.py recomputes its features after `optimizer.step()`. Its parts
+        are logged with the next forwards (no host sync here)."""
+        pending, self.pending = self.pending, []
+        bf16 = self.cfg.engine.precision == "bf16"  # the engine's autocast, which does not reach this hook
+        for x in pending:
+            with torch.enable_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                h, z = self.features_of(x, update_buffers=False)
+                self.meta_parts.append(self.meta_step(x, h, z, self.contrast(z, self.impl_twice)))
+        return {}
