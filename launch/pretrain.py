@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from data_shards.shards import ShardError, check_shard_set, shared_class_names  # noqa: E402
 from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.data.loader import batches_per_epoch  # noqa: E402
 import pipeline.methods  # noqa: E402,F401  (registers the methods the configuration is validated against)
 
 DEFAULT_RECIPE = ROOT / "launch" / "configs" / "default.yaml"
@@ -68,10 +69,17 @@ def main(argv=None) -> int:
         cfg = load_config(recipe, overrides)  # with the method's own checks at $WORLD_SIZE
         if cfg.train.data is None:
             raise ConfigError("no training data: pass --data SHARDS or set train.data")
-        for folder in filter(None, (cfg.train.data, cfg.train.val_data)):
-            check_shard_set(folder)
+        train_set = check_shard_set(cfg.train.data)
+        if cfg.train.val_data:
+            check_shard_set(cfg.train.val_data)
         if cfg.train.val_data:  # the kNN monitor compares their labels: one create run, the same classes
             shared_class_names(cfg.train.data, cfg.train.val_data)
+        batches_per_epoch(cfg.train.data, train_set.num_samples, cfg.data.batch_size,
+                          int(os.environ.get("WORLD_SIZE", 1)), cfg.optim.accumulation_steps)
+        output = Path(cfg.train.output).absolute()
+        existing = next(p for p in (output, *output.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"train.output={cfg.train.output}: {existing} is a file, not a folder")
     except (ConfigError, ShardError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

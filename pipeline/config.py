@@ -1,16 +1,20 @@
 """Typed, validated configuration: YAML recipe + `key=value` overrides -> one frozen `Config`.
 
-Every model forbids unknown keys, so a typo stops the run naming the key; cross-field checks (a queue the
-global batch does not fit, a method ZeRO-3 cannot run) stop it before any process group forms.
+Every model forbids unknown keys, so a typo stops the run naming the key, and every float must be finite;
+cross-field checks (a queue the global batch does not fit, a method ZeRO-3 cannot run), the backbone's name
+(asked of timm) and the DeepSpeed JSON file stop it before any process group forms. Recipes are read by one
+YAML loader that refuses a key given twice (PyYAML would keep the last one silently).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
 from typing import ClassVar, Literal
 
+import timm
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
@@ -18,10 +22,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Probability = Field(ge=0.0, le=1.0)
+Seed = Field(0, ge=0, lt=2**32)  # DALI takes a negative seed as "pick one at random"; 32 bits fit every generator
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # .inf and .nan are YAML floats: refused for every float, where bounds like `gt=0` would let inf through
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _ordered_range(value: tuple[float, float], low: float, high: float | None, name: str):
@@ -38,6 +44,9 @@ class ColorJitter(Strict):
     saturation: float = Field(0.2, ge=0.0, le=1.0)
     hue: float = Field(0.1, ge=0.0, le=0.5)  # fraction of the colour circle, as in torchvision
     probability: float = Probability
+    # torchvision: ColorJitter's operations in a random order per sample, contrast about the mean grey, hue in
+    # HSV; color_twist: DALI's one fused op (fixed order, contrast about grey 128, hue rotating YIQ's chroma)
+    form: Literal["torchvision", "color_twist"] = "torchvision"
 
 
 class Blur(Strict):
@@ -58,6 +67,7 @@ class ViewRecipe(Strict):
     grayscale: float = Field(0.2, ge=0.0, le=1.0)
     blur: Blur | None = None
     solarize: float = Field(0.0, ge=0.0, le=1.0)
+    interpolation: Literal["linear", "cubic"] = "linear"  # of the crop's resize (cubic: SDCLR's bicubic)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -117,9 +127,10 @@ class ViewPreset(Strict):
 class DataConfig(Strict):
     views: ViewPreset | list[ViewRecipe] = ViewPreset(preset="simclr")
     batch_size: int = Field(256, ge=1)  # per rank
-    num_threads: int | None = Field(None, ge=1)  # DALI CPU threads per rank; default: this rank's share of the cores
+    # DALI CPU threads per rank; default: this rank's share of the cores (DALI aborts, naming nothing, when it cannot start them)
+    num_threads: int | None = Field(None, ge=1, le=256)
     shuffle_buffer: int = Field(4096, ge=1)  # samples held by DALI's reader for shuffling
-    seed: int = 0
+    seed: int = Seed
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     hw_decoder_load: float = Field(0.65, ge=0.0, le=1.0)  # share of JPEGs for the GPU's hardware decoder
     eval_size: int = Field(224, ge=8)  # evaluation: resize the shorter side to eval_resize, centre crop
@@ -191,6 +202,14 @@ class ModelConfig(Strict):
     grad_checkpointing: bool = False
     compile: bool = False
 
+    @field_validator("backbone")
+    @classmethod
+    def _timm_architecture(cls, name):
+        if not timm.is_model(name):  # a registry name (a pretrained tag is allowed); no hub or folder source
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            raise ValueError(f"{name!r} is not a timm architecture" + (f" (close: {', '.join(close)})" if close else ""))
+        return name
+
 
 class MethodConfig(Strict):
     """The `method:` section. Each method (pipeline/methods/) extends this class with its own settings and
@@ -248,15 +267,86 @@ class OptimConfig(Strict):
 class EngineConfig(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    offload_optimizer: bool = False
+    offload_optimizer: bool = False  # ZeRO-Offload: needs zero_stage >= 1
     deepspeed_config: str | None = None  # a JSON file whose keys are merged under ours (launch/deepspeed/)
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("engine.offload_optimizer needs engine.zero_stage 1, 2 or 3 (ZeRO-Offload)")
+        return self
+
+    @field_validator("deepspeed_config")
+    @classmethod
+    def _readable(cls, path):
+        if path is not None:
+            read_deepspeed_json(path)
+        return path
+
+    def deepspeed_json(self) -> dict:
+        """The extra DeepSpeed settings of `deepspeed_config` (train.py sets its own keys over them)."""
+        return read_deepspeed_json(self.deepspeed_config) if self.deepspeed_config else {}
+
+
+# DeepSpeed settings train.py derives from the configuration: a file that set them would be overruled silently.
+DEEPSPEED_OWNED = {
+    "train_batch_size": "data.batch_size and optim.accumulation_steps",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "optim.accumulation_steps",
+    "gradient_clipping": "optim.grad_clip",
+    "torch_autocast": "engine.precision",
+    "zero_optimization.stage": "engine.zero_stage",
+}
+
+
+def read_deepspeed_json(path: str | Path) -> dict:
+    """A DeepSpeed JSON file as a dict; anything else (missing, not UTF-8, not JSON, a key twice, NaN, not
+    an object, a key the configuration owns) is a ConfigError naming the file."""
+    tree = read_json(path)
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a DeepSpeed configuration is a JSON object, got {type(tree).__name__}")
+    if not isinstance(tree.get("zero_optimization", {}), dict):
+        raise ConfigError(f"{path}: zero_optimization is a JSON object, got {tree['zero_optimization']!r}")
+    keys = set(tree) | {f"zero_optimization.{k}" for k in tree.get("zero_optimization", {})}
+    owned = sorted(keys & DEEPSPEED_OWNED.keys())
+    if owned:
+        raise ConfigError(f"{path}: {owned[0]} is set from {DEEPSPEED_OWNED[owned[0]]}; remove it from the file")
+    return tree
+
+
+def read_json(path: str | Path):
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ConfigError(f"{path}: key {twice[0]!r} appears twice in one object")
+        return dict(pairs)
+
+    def no_constant(name):
+        raise ConfigError(f"{path}: {name} is not a number DeepSpeed can take")
+
+    text = read_text(path)
+    try:
+        return json.loads(text, object_pairs_hook=unique, parse_constant=no_constant)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not JSON: {e}") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file; a missing, unreadable or undecodable one is a ConfigError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
 
 
 class TrainConfig(Strict):
     epochs: int = Field(100, ge=1)
     max_steps: int | None = Field(None, ge=1)  # stop early (total steps still follow `epochs` for schedules)
     time_limit_minutes: float | None = Field(None, gt=0)  # stop (and save) once this much time has passed
-    seed: int = 0
+    seed: int = Seed
     log_every: int = Field(20, ge=1)  # steps
     checkpoint_every: int = Field(1000, ge=1)  # steps; and at the end
     keep_checkpoints: int = Field(2, ge=1)
@@ -323,23 +413,70 @@ def _list_index(items: list, key: str, dotted: str) -> int:
     return int(key)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last), and dates stay text (no setting is a date; a run folder may look like one)."""
+
+    yaml_implicit_resolvers = {
+        first: [r for r in resolvers if r[0] != "tag:yaml.org,2002:timestamp"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` keys are meant to be overridden by the mapping's own
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = lines.get(key)
+            except TypeError:
+                continue  # an unhashable key: the safe loader's own error names it
+            if first is not None:
+                raise ConfigError(f"{self.name}, line {line}: key {key!r} appears twice in one mapping (first on line {first})")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str):
+    """`text` as YAML through the recipe loader; an error is one line naming `source`, line and column."""
+    try:
+        loader = _RecipeLoader(text)
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow, found before any parsing
+        raise ConfigError(f"{source}: character {chr(e.character)!r} at position {e.position}: {e.reason}") from None
+    loader.name = source  # the marks, and so the errors, name the file
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}{where}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: {' '.join(str(e).split())}") from None
+    finally:
+        loader.dispose()
+
+
 def read_recipe(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     """A recipe's tree; `base: OTHER.yaml` (relative to the recipe) is read first and deep-merged under it."""
     path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: {e}") from None
+    tree = parse_yaml(read_text(path), str(path))
+    tree = {} if tree is None else tree
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
     tree = json.loads(json.dumps(tree))  # YAML anchors alias one object: an override must change one view only
     base = tree.pop("base", None)
     if base is None:
         return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must name one recipe file, got {base!r}")
     base_path = (path.parent / base).resolve()
     if base_path in seen:
         raise ConfigError(f"{path}: base {base} includes itself")
-    return deep_merge(read_recipe(base_path, seen + (base_path,)), tree)
+    try:
+        return deep_merge(read_recipe(base_path, seen + (base_path,)), tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: base {base}: {e}") from None
 
 
 def deep_merge(base: dict, top: dict) -> dict:
@@ -357,11 +494,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), world
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {key.strip()}: not a YAML value: {str(e).splitlines()[0]}") from None
-        _set_dotted(tree, key.strip(), parsed)
+        _set_dotted(tree, key.strip(), parse_yaml(value, f"override {key.strip()}"))
     where = path or "configuration"
     try:
         tree["method"] = method_config(tree.get("method"))

@@ -28,7 +28,7 @@ from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from data_shards.shards import Manifest, ShardError, check_shard_set, text_field_problems
-from pipeline.config import DataConfig
+from pipeline.config import ConfigError, DataConfig
 from pipeline.data.augment import ReaderSpec, eval_pipeline, views_pipeline
 
 _DALI_DTYPE = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
@@ -60,6 +60,20 @@ def parse_decimal(rows: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.T
     return torch.where(ok, value, -1), ok
 
 
+def batches_per_epoch(folder, num_samples: int, batch_size: int, world_size: int, accumulation_steps: int = 1) -> int:
+    """S, the full batches each rank trains on per epoch (see above). Fewer than one optimizer step's
+    `accumulation_steps` is a ConfigError naming the setting, the folder and its sample count."""
+    per_rank = num_samples // world_size
+    batches = per_rank // batch_size
+    source = f"{folder} ({num_samples} samples, {per_rank} for each of {world_size} rank(s))"
+    if batches == 0:
+        raise ConfigError(f"data.batch_size={batch_size} is larger than the samples a rank gets per epoch from {source}")
+    if batches < accumulation_steps:
+        raise ConfigError(f"optim.accumulation_steps={accumulation_steps} exceeds the {batches} batches of "
+                          f"data.batch_size={batch_size} a rank gets per epoch from {source}")
+    return batches
+
+
 class ShardLoader:
     """Views of a shard set for training (`train=True`) or one centre crop for evaluation."""
 
@@ -84,11 +98,7 @@ class ShardLoader:
         n, w, b = self.manifest.num_samples, world_size, self.batch_size
         self.shard_sizes = [(s + 1) * n // w - s * n // w for s in range(w)]
         self.padded_steps = math.ceil(math.ceil(n / w) / b)
-        self.steps_per_epoch = (n // w) // b if train else self.padded_steps
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{self.folder}: {n} samples cannot fill one batch of {b} on each of {w} rank(s)"
-            )
+        self.steps_per_epoch = batches_per_epoch(self.folder, n, b, w) if train else self.padded_steps
         self.num_classes = len(self.manifest.class_names) if self.manifest.class_names is not None else None
         self._seen = torch.zeros(n, dtype=torch.bool)  # ids this rank has yielded in this epoch
         self.epoch, self.step, checkpoint = 0, 0, None
