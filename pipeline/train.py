@@ -79,6 +79,8 @@ def build_optimizer(method, cfg: Config, world_size: int, total_steps: int, step
     global_batch = cfg.data.batch_size * world_size * o.accumulation_steps
     lr = o.lr * global_batch / 256 if o.scale_lr else o.lr
     extra = {"betas": o.betas} if o.name == "adamw" else {"momentum": o.momentum}
+    if o.name == "lars":
+        extra.update(trust_coeff=o.lars_trust, trust_clip=o.lars_clip)
     optimizer = create_optimizer_v2(method.param_groups(o.weight_decay), opt=o.name, lr=lr, weight_decay=o.weight_decay, **extra)
     warmup = min(int(o.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
     # warmup_prefix: the cosine starts after the warm-up, so it lasts the remaining steps and ends at min_lr.

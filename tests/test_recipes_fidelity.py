@@ -68,6 +68,8 @@ FIDELITY = {
         ("optim.lr", 0.3, f"{SOLO}: lr 0.3 at batch 256"),
         ("optim.scale_lr", True, "solo-learn main_pretrain.py: lr x batch/256"),
         ("optim.weight_decay", 1e-6, f"{SOLO}: weight_decay 1e-6"),
+        ("optim.lars_trust", 0.02, f"{SOLO}: eta_lars 0.02"),
+        ("optim.lars_clip", True, f"{SOLO}: grad_clip_lars True (solo-learn's LARS: clip_lr)"),
         ("optim.no_decay_norm_bias", True, f"{SOLO}: exclude_bias_n_norm: True"),
         ("data.batch_size", 256, f"{SOLO}: batch_size 256, one device"),
         ("train.epochs", 1000, f"{SOLO}: max_epochs 1000"),
@@ -289,3 +291,11 @@ def test_weight_decay_exclusions_are_the_recipes_choice():
     decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in timm_groups.param_groups(0.1)}
     assert {"backbone.cls_token", "backbone.blocks.0.norm1.weight", "backbone.blocks.0.attn.qkv.bias"} <= decay[0.0]
     assert "backbone.blocks.0.attn.qkv.weight" in decay[0.1]
+
+
+def test_lars_takes_the_recipes_trust_coefficient_and_clipping():
+    from pipeline.train import build_optimizer
+
+    cfg = load_config(None, ["model.backbone=test_resnet", "optim.name=lars", "optim.lars_trust=0.02", "optim.lars_clip=true"])
+    optimizer, _ = build_optimizer(build_method(cfg), cfg, world_size=1, total_steps=10, steps_per_epoch=5)
+    assert {(g["trust_coeff"], g["trust_clip"]) for g in optimizer.param_groups} == {(0.02, True)}
