@@ -446,7 +446,7 @@ def parse_yaml(text: str, source: str):
         loader = _RecipeLoader(text)
     except yaml.reader.ReaderError as e:  # a character YAML does not allow, found before any parsing
         raise ConfigError(f"{source}: character {chr(e.character)!r} at position {e.position}: {e.reason}") from None
-    loader.name = source  # the marks, and so the errors, name the file
+    loader.name = source  # for the duplicate-key error
     try:
         return loader.get_single_data()
     except yaml.MarkedYAMLError as e:
@@ -466,7 +466,11 @@ def read_recipe(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     tree = {} if tree is None else tree
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
-    tree = json.loads(json.dumps(tree))  # YAML anchors alias one object: an override must change one view only
+    def not_a_setting(value):
+        raise ConfigError(f"{path}: {value!r} is a YAML {type(value).__name__}, not a setting's value")
+
+    # YAML anchors alias one object: an override must change one view only
+    tree = json.loads(json.dumps(tree, default=not_a_setting))
     base = tree.pop("base", None)
     if base is None:
         return tree

@@ -108,6 +108,9 @@ def test_recipe_files_that_cannot_be_read_are_named(tmp_path):
     (tmp_path / "bell.yaml").write_text("optim:\n  lr: \x07\n")
     with pytest.raises(ConfigError, match=r"bell.yaml: character '\\x07' at position 13"):
         load_config(tmp_path / "bell.yaml")
+    (tmp_path / "set.yaml").write_text("optim:\n  betas: !!set {0.9, 0.99}\n")
+    with pytest.raises(ConfigError, match=r"set.yaml: \{.*\} is a YAML set, not a setting's value"):
+        load_config(tmp_path / "set.yaml")
     (tmp_path / "indent.yaml").write_text("optim:\n  lr: 0.1\n name: sgd\n")
     with pytest.raises(ConfigError, match=r"indent.yaml, line 3, column 2: expected <block end>"):
         load_config(tmp_path / "indent.yaml")
