@@ -27,7 +27,10 @@ def _excluded(exclude: torch.Tensor | None, start: int, count: int) -> torch.Ten
     if exclude is None:
         return None
     columns = torch.arange(start, start + count, device=exclude.device)
-    return (exclude[:, :, None] == columns).any(1)
+    mask = torch.zeros(exclude.shape[0], count, dtype=torch.bool, device=exclude.device)
+    for e in range(exclude.shape[1]):  # one [B, count] comparison at a time: a row may leave out many keys
+        mask |= exclude[:, e, None] == columns
+    return mask
 
 
 class ChunkedRowLSE(torch.autograd.Function):
