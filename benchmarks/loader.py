@@ -36,10 +36,11 @@ from pipeline.data.loader import ShardLoader  # noqa: E402
 
 # The recipe fields torchvision_view maps; a field added to the config fails loudly here instead of drifting.
 MAPPED_FIELDS = {
-    ViewRecipe: {"size", "scale", "ratio", "flip", "color_jitter", "grayscale", "blur", "solarize", "mean", "std"},
-    ColorJitter: {"brightness", "contrast", "saturation", "hue", "probability"},
+    ViewRecipe: {"size", "scale", "ratio", "flip", "color_jitter", "grayscale", "blur", "solarize", "interpolation", "mean", "std"},
+    ColorJitter: {"brightness", "contrast", "saturation", "hue", "probability", "form"},  # form: torchvision's either way
     Blur: {"probability", "sigma"},
 }
+INTERPOLATION = {"linear": v2.InterpolationMode.BILINEAR, "cubic": v2.InterpolationMode.BICUBIC}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +74,7 @@ def torchvision_view(recipe: ViewRecipe) -> v2.Compose:
         if set(model.model_fields) != fields:
             raise RuntimeError(f"{model.__name__} fields changed: {sorted(set(model.model_fields) ^ fields)}")
     ops = [
-        v2.RandomResizedCrop(recipe.size, scale=recipe.scale, ratio=recipe.ratio, antialias=True),
+        v2.RandomResizedCrop(recipe.size, scale=recipe.scale, ratio=recipe.ratio, antialias=True, interpolation=INTERPOLATION[recipe.interpolation]),
         v2.RandomHorizontalFlip(recipe.flip),
     ]
     if (j := recipe.color_jitter) is not None:

@@ -5,14 +5,18 @@ image ops run on the GPU; without one (`device_id=None`) every op runs on the CP
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 
 from data_shards.shards import MAX_DECIMAL_DIGITS
-from pipeline.config import ViewRecipe
+from pipeline.config import ColorJitter, ViewRecipe
 
 DIGITS = MAX_DECIMAL_DIGITS  # width of the zero-padded decimal text fields (.cls, .id); the index check keeps them shorter
+_INTERPOLATION = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}
 _SOLARIZE = [k if k < 128 else 255 - k for k in range(256)]
 
 
@@ -73,33 +77,106 @@ def _uniform(low: float, high: float):
     return fn.random.uniform(range=[low, high]) if high > low else low
 
 
-def _coin(probability: float):
-    """1.0 with `probability`, else 0.0, per sample."""
-    return fn.cast(fn.random.coin_flip(probability=probability), dtype=types.FLOAT)
+# torchvision's grayscale weights (rgb_to_grayscale), for RandomGrayscale and for contrast's and saturation's grey
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+# The 24 orders of the jitter operations, numbered as torchvision's ColorJitter does: 0 brightness, 1 contrast,
+# 2 saturation, 3 hue
+JITTER_ORDERS = list(itertools.permutations(range(4)))
+_TO_GRAY = list(GRAY_WEIGHTS) * 3  # a 3x3 matrix, row-major: every output channel the grey
 
 
 def _color(image, recipe: ViewRecipe):
-    """Colour jitter (with its probability) and grayscale in one colour_twist; grayscale = saturation 0."""
-    jitter, gray = recipe.color_jitter, recipe.grayscale
-    if (jitter is None or jitter.probability == 0) and gray == 0:
-        return image
-    args = {}
+    """Colour jitter (with its probability), then grayscale, as torchvision's RandomApply(ColorJitter) and
+    RandomGrayscale do."""
+    jitter = recipe.color_jitter
     if jitter is not None and jitter.probability > 0:
-        on = _coin(jitter.probability)
+        jitter_op = _torchvision_jitter if jitter.form == "torchvision" else _color_twist_jitter
+        image = _sometimes(jitter.probability, lambda x: jitter_op(x, jitter), image)
+    return _sometimes(recipe.grayscale, lambda x: fn.coord_transform(x, M=_TO_GRAY, dtype=types.UINT8), image)
 
-        def factor(amount):
-            return 1.0 + on * (_uniform(max(0.0, 1.0 - amount), 1.0 + amount) - 1.0)
 
-        args = dict(
-            brightness=factor(jitter.brightness),
-            contrast=factor(jitter.contrast),
-            saturation=factor(jitter.saturation),
-            hue=on * _uniform(-360.0 * jitter.hue, 360.0 * jitter.hue),
-        )
-    if gray > 0:
-        keep = 1.0 - _coin(gray)
-        args["saturation"] = args["saturation"] * keep if "saturation" in args else keep
-    return fn.color_twist(image, **args)
+def _factors(jitter: ColorJitter):
+    """Per-sample draws as torchvision's ColorJitter makes them: brightness, contrast and saturation factors
+    in [max(0, 1 - a), 1 + a], hue in [-h, h] (fraction of the colour circle)."""
+    amounts = (jitter.brightness, jitter.contrast, jitter.saturation)
+    return [_uniform(max(0.0, 1.0 - a), 1.0 + a) for a in amounts] + [_uniform(-jitter.hue, jitter.hue)]
+
+
+def _torchvision_jitter(image, jitter: ColorJitter):
+    return jitter_in_order(image, _factors(jitter), jitter_order())
+
+
+def jitter_order():
+    """A per-sample index into JITTER_ORDERS, uniform: torchvision's randperm(4)."""
+    return fn.random.choice(len(JITTER_ORDERS))
+
+
+def jitter_in_order(image, factors, order):
+    """torchvision's four jitter operations on uint8 HWC `image` with per-sample `factors` (brightness,
+    contrast, saturation, hue), in the per-sample order JITTER_ORDERS[order].
+
+    The graph is static, but a DALI conditional splits the batch per sample: at each of the four positions
+    every sample runs only the operation its permutation puts there, so the cost is the four operations once
+    each, as in a fixed order (all 24 orders, or all four operations at every position, would cost 4-24x).
+    Each operation rounds to uint8, as torchvision's on uint8 images (and PIL's) do."""
+    brightness, contrast, saturation, hue = factors
+    for position in range(4):
+        op = fn.lookup_table(order, keys=list(range(len(JITTER_ORDERS))), values=[o[position] for o in JITTER_ORDERS], dtype=types.INT32)
+        if op == 0:
+            image = fn.brightness(image, brightness=brightness)
+        elif op == 1:
+            image = _contrast(image, contrast)
+        elif op == 2:
+            image = _saturation(image, saturation)
+        else:
+            image = _hue(image, hue)
+    return image
+
+
+def _contrast(image, factor):
+    """Blend with the image's mean grey (torchvision's pivot; DALI's `contrast` pivots at a CPU argument, and
+    the mean of an image on the GPU stays on the GPU, so the blend is written out)."""
+    channel_mean = fn.reductions.mean(image, axes=[0, 1])
+    grey = sum(channel_mean[c] * w for c, w in enumerate(GRAY_WEIGHTS))
+    return fn.cast(image * factor + grey * (1.0 - factor), dtype=types.UINT8)
+
+
+def _saturation(image, factor):
+    """Blend with the grayscale image, in RGB as torchvision does (DALI's `saturation` scales YIQ's chroma
+    with 3-digit matrices): M = s·I + (1 - s)·[gray weights in every row]."""
+    matrix = factor * types.Constant(np.eye(3, dtype=np.float32)) + (1.0 - factor) * types.Constant(np.float32(_TO_GRAY).reshape(3, 3))
+    return fn.coord_transform(image, M=matrix, dtype=types.UINT8)
+
+
+def _hue(image, shift):
+    """torchvision's adjust_hue: rotate the HSV hue by `shift` turns, keeping value and saturation.
+
+    DALI's `hue` rotates YIQ's chroma plane instead, which keeps luma, not value: pure red turned by a third
+    is (0, 187, 0) there and (0, 255, 0) here. The HSV round trip is written in closed form, with H in
+    sixths of a turn: channel n (r 5, g 3, b 1) = max - chroma·clamp(min(k, 4 - k), 0, 1), k = (n + H) mod 6."""
+    x = fn.cast(image, dtype=types.FLOAT)
+    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    top, bottom = dmath.max(dmath.max(r, g), b), dmath.min(dmath.min(r, g), b)
+    chroma = top - bottom
+    divisor = chroma + (chroma == 0)  # grey pixels: any hue, the output is `top` on every channel
+    red_top = top == r
+    green_top = (top == g) & (top != r)
+    blue_top = (top != r) & (top != g)
+    sixths = red_top * ((g - b) / divisor) + green_top * ((b - r) / divisor + 2) + blue_top * ((r - g) / divisor + 4)
+    sixths = sixths + 6.0 * shift
+
+    def channel(n):
+        k = sixths + n
+        k = k - 6.0 * dmath.floor(k / 6.0)
+        return top - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
+
+    return fn.cast(fn.stack(channel(5.0), channel(3.0), channel(1.0), axis=2, axis_name="C"), dtype=types.UINT8)
+
+
+def _color_twist_jitter(image, jitter: ColorJitter):
+    """DALI's fused colour_twist: a fixed order, contrast about grey level 128, hue as a YIQ rotation."""
+    brightness, contrast, saturation, hue = _factors(jitter)
+    return fn.color_twist(image, brightness=brightness, contrast=contrast, saturation=saturation, hue=360.0 * hue)
 
 
 def _normalize(image, mean, std, out_dtype, mirror=None, crop=None):
@@ -124,7 +201,7 @@ def view(image, shape, recipe: ViewRecipe, out_dtype, debug: bool):
         size=[recipe.size, recipe.size],
         roi_start=start,
         roi_end=start + fn.cast(extent, dtype=types.FLOAT),
-        interp_type=types.INTERP_LINEAR,
+        interp_type=_INTERPOLATION[recipe.interpolation],
         antialias=True,
     )
     out = _color(out, recipe)
