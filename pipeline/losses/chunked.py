@@ -26,11 +26,12 @@ def _excluded(exclude: torch.Tensor | None, start: int, count: int) -> torch.Ten
     """[B, count] mask of the columns start..start+count that row i leaves out of its sum."""
     if exclude is None:
         return None
-    columns = torch.arange(start, start + count, device=exclude.device)
-    mask = torch.zeros(exclude.shape[0], count, dtype=torch.bool, device=exclude.device)
-    for e in range(exclude.shape[1]):  # one [B, count] comparison at a time: a row may leave out many keys
-        mask |= exclude[:, e, None] == columns
-    return mask
+    # Scattered hits, O(B·(count + E)) for any E (a row may leave out many keys); indices outside the
+    # chunk add zero at a clamped column, so there is no data-dependent shape and no host sync.
+    column = exclude - start
+    inside = (column >= 0) & (column < count)
+    hits = torch.zeros(exclude.shape[0], count, dtype=torch.int32, device=exclude.device)
+    return hits.scatter_add_(1, column.clamp(0, count - 1), inside.to(torch.int32)) > 0
 
 
 class ChunkedRowLSE(torch.autograd.Function):
