@@ -175,6 +175,23 @@ def test_a_given_lambda_replaces_the_draw(device):
         mix(x2, "mixup", lam=lam1[:-1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_band_rescales_the_drawn_lambda_before_the_box(device):
+    """SDMP's released band: lam' = 0.1 + 0.8 lam, and the box is cut for lam'."""
+    for seed in range(5):
+        lam0 = mix(constants(B, device), "mixup", generator=gen(device, seed))[1]
+        banded = 0.1 + 0.8 * lam0
+        torch.testing.assert_close(mix(noise(device=device), "mixup", generator=gen(device, seed), band=(0.1, 0.9))[1], banded)
+        x = constants(B, device)
+        mixed, _ = mix(x, "resizemix", generator=gen(device, seed), band=(0.1, 0.9))
+        for i in range(B):
+            _, _, h, w = bounds((mixed - x).abs()[i, 0] > 0.25)
+            side = (1 - banded[i]).sqrt().item()
+            assert (h, w) == (round(side * H), round(side * W))
+    given = torch.full((B,), 0.5, device=device)
+    assert torch.equal(mix(noise(device=device), "mixup", lam=given, band=(0.1, 0.9))[1], given)  # a given lam stays
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="method"):
         mix(noise(), "mosaic")
@@ -182,6 +199,9 @@ def test_bad_arguments_are_refused():
         mix(torch.zeros(B, C, H, W, dtype=torch.uint8))
     with pytest.raises(ValueError, match="alpha"):
         mix(noise(), alpha=0)
+    for band in [(0.9, 0.1), (-0.1, 0.5), (0.5, 1.5)]:
+        with pytest.raises(ValueError, match="band"):
+            mix(noise(), band=band)
 
 
 @pytest.mark.gpu

@@ -1,8 +1,9 @@
 """Intra-batch data mixing for SDMP: Mixup, CutMix and ResizeMix on a batch of views, on its own device.
 
 Image i is mixed with its partner p(i) = B-1-i of the same local batch (no images cross ranks), with
-lam_i ~ Beta(alpha, alpha) per image; `lam` is the share of image i in the result. For the box methods a
-box of area ~(1 - lam_i) receives the partner and lam_i is recomputed from the pixels actually pasted:
+lam_i ~ Beta(alpha, alpha) per image, optionally rescaled into a band [low, high] (SDMP's released code
+draws in [0.1, 0.9]); `lam` is the share of image i in the result. For the box methods a box of area
+~(1 - lam_i) receives the partner and lam_i is recomputed from the pixels actually pasted:
   cutmix     the partner's own pixels under the box; random centre, box clipped to the image.
   resizemix  the whole partner resized (bilinear, as F.interpolate) into the box; the box is placed fully
              inside the image, so nothing of the resized partner is cut off.
@@ -38,6 +39,7 @@ def mix(
     alpha: float = 1.0,
     generator: torch.Generator | None = None,
     lam: torch.Tensor | None = None,
+    band: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix each image of `views` [B, C, H, W] (floating point) with image B-1-i.
 
@@ -46,7 +48,8 @@ def mix(
     given, must live on the views' device; with the same generator state the result is the same, and
     "random" gives exactly what the chosen method gives alone. `lam` [B], when given, replaces the Beta draw
     (SDMP mixes both views of image i with the same lam_i); box methods still return the lam of the box
-    actually pasted, which can differ from it by the rounding of the box sides.
+    actually pasted, which can differ from it by the rounding of the box sides. `band` (low, high): a drawn
+    lam becomes low + (high - low) * lam before any box is drawn; a given `lam` is used as it is.
     """
     if method not in METHODS + ("random",):
         raise ValueError(f"mixing method must be one of {METHODS + ('random',)}, got {method!r}")
@@ -54,6 +57,8 @@ def mix(
         raise ValueError(f"views must be a floating-point [B, C, H, W] tensor, got {views.dtype} {tuple(views.shape)}")
     if not alpha > 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
+    if not 0 <= band[0] <= band[1] <= 1:
+        raise ValueError(f"band must be (low, high) with 0 <= low <= high <= 1, got {band}")
     if generator is not None and generator.device.type != views.device.type:
         raise ValueError(f"generator is on {generator.device}, views on {views.device}: draws must stay on the views' device")
 
@@ -61,7 +66,7 @@ def mix(
     pairs = partner(B, device)
     other = views.index_select(0, pairs)
     if lam is None:
-        lam = _beta(alpha, B, device, generator)
+        lam = band[0] + (band[1] - band[0]) * _beta(alpha, B, device, generator)
     elif lam.shape != (B,):
         raise ValueError(f"lam must have shape ({B},), one value per image, got {tuple(lam.shape)}")
     lam = lam.to(device=device, dtype=torch.float32)
