@@ -229,7 +229,7 @@ def test_each_form_is_its_definition(monkeypatch, name, form, swap, extra):
     method.view_order = lambda x1, x2: (x2, x1) if swap else (x1, x2)
     calls = record_mixing(monkeypatch)
     x1, x2 = views()
-    for step in range(3):  # seed 6 draws resizemix, mixup, cutmix
+    for _ in range(3):  # seed 6 draws resizemix, mixup, cutmix
         calls.clear()
         loss, _ = method([x1, x2])
         torch.testing.assert_close(loss.double(), definition(method, x1, x2, swap, calls), atol=1e-5, rtol=1e-5)
