@@ -67,7 +67,7 @@ class ViewRecipe(Strict):
     grayscale: float = Field(0.2, ge=0.0, le=1.0)
     blur: Blur | None = None
     solarize: float = Field(0.0, ge=0.0, le=1.0)
-    interpolation: Literal["linear", "cubic"] = "linear"  # of the crop's resize (cubic: SDCLR's bicubic)
+    interpolation: Literal["linear", "cubic"] = "linear"  # of the crop's resize (cubic: bicubic, as some official recipes use)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -257,7 +257,7 @@ class OptimConfig(Strict):
     weight_decay: float = Field(1e-4, ge=0.0)
     no_decay_norm_bias: bool = True  # timm's groups: no decay (nor LARS adaptation) on norms, biases, ViT tokens; false: all decay
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd, lars
-    lars_trust: float = Field(0.001, gt=0.0)  # LARS's trust coefficient (eta): 0.001 as SimCLR's; solo-learn 0.02
+    lars_trust: float = Field(0.001, gt=0.0)  # LARS's trust coefficient (eta): 0.001 as timm and google-research; solo-learn 0.02
     lars_clip: bool = False  # LARC: the adapted LR clipped at the global one (solo-learn's clip_lr)
     betas: tuple[float, float] = (0.9, 0.999)  # adamw
     warmup_epochs: float = Field(10.0, ge=0.0)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint
 from pipeline.config import Config
-from pipeline.data.loader import ShardLoader
+from pipeline.data.loader import ShardLoader, batches_per_epoch
 from pipeline.data.preview import view_grid
 from pipeline.eval import extract_features, knn_accuracy
 from pipeline.losses.checks import NonFiniteInput
@@ -54,10 +54,11 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
 
 
 def deepspeed_config(cfg: Config) -> dict:
-    ds = json.loads(Path(cfg.engine.deepspeed_config).read_text()) if cfg.engine.deepspeed_config else {}
+    ds = cfg.engine.deepspeed_json()
     zero = {**ds.get("zero_optimization", {}), "stage": cfg.engine.zero_stage}
     if cfg.engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        ds["zero_force_ds_cpu_optimizer"] = False  # the optimizer is timm's, stepped on the CPU copy
     ds.update(
         train_micro_batch_size_per_gpu=cfg.data.batch_size,
         gradient_accumulation_steps=cfg.optim.accumulation_steps,
@@ -420,8 +421,7 @@ def train(cfg: Config) -> Path:
     plan = plan_resume(cfg, method, rank, world_size)
     device_id = local_rank if device.type == "cuda" else None
     loader = ShardLoader(cfg.train.data, cfg.data, rank=rank, world_size=world_size, device_id=device_id, state=plan.data_state)
-    steps_per_epoch = len(loader) // cfg.optim.accumulation_steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"optim.accumulation_steps={cfg.optim.accumulation_steps} exceeds the {len(loader)} batches of an epoch")
+    batches = batches_per_epoch(cfg.train.data, loader.manifest.num_samples, cfg.data.batch_size, world_size, cfg.optim.accumulation_steps)
+    steps_per_epoch = batches // cfg.optim.accumulation_steps
     engine, optimizer, scheduler = build_engine(method, cfg, plan, rank, world_size, cfg.train.epochs * steps_per_epoch, steps_per_epoch)
     return Run(cfg, method, engine, optimizer, scheduler, loader, plan, rank, world_size, device).run()

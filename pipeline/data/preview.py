@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from pydantic import ValidationError
 
-from pipeline.config import DataConfig, ViewRecipe, format_validation_error
+from pipeline.config import ConfigError, DataConfig, ViewRecipe, format_validation_error, read_recipe
 from pipeline.data.loader import ShardLoader
 
 PAD = 2
@@ -43,9 +42,11 @@ def view_grid(views: list[torch.Tensor], recipes: list[ViewRecipe], rows: int) -
 def load_data_config(path: str | Path | None) -> DataConfig:
     if path is None:
         return DataConfig()
-    raw = yaml.safe_load(Path(path).read_text()) or {}
     try:
+        raw = read_recipe(path)
         return DataConfig.model_validate(raw.get("data", {}))
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
     except ValidationError as e:
         raise SystemExit(f"{path}: {format_validation_error(e, prefix='data')}") from None
 
