@@ -350,8 +350,9 @@ def test_generators_are_the_released_mlp():
 # --- world size 2 against one process ---------------------------------------------------------------------
 
 
+# released across ranks adds its terms' gathers and `after_step`; the encoder scope's are meta_first's
 WORLD_FORMS = {"meta_first-projector": (metaug_config, "projector"), "meta_first-encoder": (metaug_config, "encoder"),
-               "released": (released_config, "encoder")}
+               "released": (released_config, "projector")}
 
 
 def _world_run(rank: int, world: int, form: str) -> dict:

@@ -163,7 +163,7 @@ class MetAug(Method):
         self.generator_optimizer.load_state_dict(state)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """The engine trains the encoder; the generators are the method's own (its Adam, in the meta step)."""
+        """The engine trains the encoder; the generators are the method's own (its optimizer, in the meta step)."""
         own = {id(p) for p in self.generators.parameters()}
         return [{**g, "params": [p for p in g["params"] if id(p) not in own]} for g in super().param_groups(weight_decay)]
 
@@ -277,7 +277,7 @@ class MetAug(Method):
         easy_neg = torch.where(same, 0.0, (m_neg - s_gen).clamp_min(0)).sum() / (~same).sum()
         return self.positive_weight * easy_pos + easy_neg
 
-    # --- the meta step (a) --------------------------------------------------------------------------------
+    # --- the meta step ------------------------------------------------------------------------------------
 
     def scope_modules(self) -> dict[str, nn.Module]:
         if self.scope == "encoder":
@@ -313,8 +313,9 @@ class MetAug(Method):
         return objective, parts, z, g
 
     def meta_objective(self, x, h, z, l_orig, gen_params: list[Params]):
-        """M(φ) from the encoder's features at θ (x, h, z = `encode(...)`, l_orig = `contrast(z)` computed
-        with a twice-differentiable impl): the inner loss with generators `gen_params`, the fast weights, M."""
+        """M(φ) from the encoder's features at its current weights (θ in meta_first, θ₁ after the encoder's
+        step in released; x, h, z as `encode` gives them, l_orig = `contrast(z)` computed with a
+        twice-differentiable impl): the inner loss with generators `gen_params`, the fast weights, M."""
         inner, _ = self.objective(z, self.generate(z, gen_params), l_orig, impl=self.impl_twice)
         fast = self.fast_weights(inner)
         objective, parts, _, _ = self.meta_objective_at(fast, x, h, gen_params)
