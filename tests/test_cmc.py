@@ -96,6 +96,40 @@ def test_loss_is_the_definition(impl):
     torch.testing.assert_close((parts["loss/l_to_ab"] + parts["loss/ab_to_l"]).double(), expected, rtol=1e-5, atol=1e-6)
 
 
+
+def test_the_memory_form_is_moco_style_contrast_against_past_keys():
+    torch.manual_seed(0)
+    method = build_method(cmc_config("method.memory={size: 16, momentum: 0.9}", "method.loss_impl=chunked"))
+    past_l, past_ab = method.l_queue.keys.clone().double(), method.ab_queue.keys.clone().double()
+    x = images()
+    loss, _ = method([x])
+    with torch.no_grad():
+        l, ab = lab_views(x)
+        z_l = F.normalize(method.l_projector(method.l_backbone(l)).double(), dim=1)
+        z_ab = F.normalize(method.ab_projector(method.ab_backbone(ab)).double(), dim=1)
+
+    def moco(q, k, queue):  # positive: the momentum key of the same image (here equal to the online one)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / 0.07
+        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+
+    expected = moco(z_l, z_ab, past_ab) + moco(z_ab, z_l, past_l)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    # The batch's keys joined the queues, and the key encoders follow the online ones after a step.
+    torch.testing.assert_close(method.ab_queue.keys[:GLOBAL_BATCH].double(), z_ab, rtol=1e-5, atol=1e-6)
+    assert int(method.l_queue.position) == GLOBAL_BATCH
+    loss.backward()
+    with torch.no_grad():
+        for p in method.l_backbone.parameters():
+            p.add_(1.0)
+    method.after_step(0.5)
+    online, key = next(method.l_backbone.parameters()), next(method.l_momentum.parameters())
+    torch.testing.assert_close(key, online - 0.9)
+
+
+def test_a_memory_that_is_not_a_multiple_of_the_global_batch_is_refused():
+    with pytest.raises(ConfigError, match=r"method.memory.size=12 must be a multiple of the global batch"):
+        load_config(None, ["method.name=cmc", RAW_VIEWS, "data.batch_size=8", "method.memory={size: 12}"], world_size=1)
+
 def one_step_gradients(rank=0, world=1):
     torch.manual_seed(0)  # the same initial weights on every rank
     method = build_method(cmc_config())

@@ -3,8 +3,11 @@ CIE Lab, split into its L channel and its ab channels, each through an encoder o
 with `in_chans` 1 or 2, then the projector, L2-normalised). The loss is cross-view InfoNCE in both
 directions, L queries against the ab keys and ab queries against the L keys, summed; the keys are those of
 the global batch (gathered with their gradient), the softmax form CMC's README recommends over its code's
-binary NCE. CMC's memory bank of past keys is not built here (it needs each sample's dataset index in the
-forward pass). Evaluation uses both encoders' features, concatenated [L | ab], as CMC reports them."""
+binary NCE. With `method.memory` the negatives are past keys instead, as in CMC's momentum-contrast
+variant: a momentum copy of each view's encoder gives the keys, row i's positive is the other view's
+momentum key of its image, its negatives a FIFO queue of that view's past keys gathered from all ranks.
+CMC's memory bank indexed by sample (momentum 0.5) is not built: it needs each sample's dataset index in
+the forward pass. Evaluation uses both encoders' features, concatenated [L | ab], as CMC reports them."""
 
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ from timm.optim import param_groups_weight_decay
 from models.backbones import create_backbone
 from models.colour import rgb_to_lab, scale_lab
 from models.heads import mlp_head
-from pipeline.config import MethodConfig
-from pipeline.losses import gathered_info_nce
+from models.momentum import MomentumEncoder
+from pipeline.config import MethodConfig, Strict
+from pipeline.distributed import FeatureQueue, gather
+from pipeline.losses import gathered_info_nce, info_nce
 from pipeline.methods import register_method
 from pipeline.methods.base import Method, Views
 
@@ -43,9 +48,15 @@ class LabFeatures(nn.Module):
         return torch.cat([self.l_encoder(l), self.ab_encoder(ab)], dim=1)
 
 
+class KeyMemory(Strict):
+    size: int = Field(16384, ge=1)  # past keys per view (CMC's K)
+    momentum: float = Field(0.999, ge=0.0, le=1.0)  # of the key encoders' EMA
+
+
 class CMCConfig(MethodConfig):
     temperature: float = Field(0.07, gt=0.0)
     loss_impl: Literal["auto", "reference", "chunked", "triton"] = "auto"
+    memory: KeyMemory | None = None  # None: the keys of the global batch are the negatives
 
 
 @register_method("cmc")
@@ -63,6 +74,20 @@ class CMC(Method):
         self.l_projector = mlp_head(self.l_backbone.num_features, cfg.model.projector)
         self.ab_projector = mlp_head(self.ab_backbone.num_features, cfg.model.projector)
         self.temperature = cfg.method.temperature
+        memory = cfg.method.memory
+        if memory is not None:
+            dim = cfg.model.projector.out_dim
+            self.l_momentum = MomentumEncoder(nn.Sequential(self.l_backbone, self.l_projector))
+            self.ab_momentum = MomentumEncoder(nn.Sequential(self.ab_backbone, self.ab_projector))
+            self.l_queue, self.ab_queue = FeatureQueue(memory.size, dim), FeatureQueue(memory.size, dim)
+
+    @classmethod
+    def check(cls, cfg, world_size):
+        super().check(cfg, world_size)
+        memory, batch = cfg.method.memory, cfg.data.batch_size
+        if memory is not None and memory.size % (batch * world_size):
+            raise ValueError(f"method.memory.size={memory.size} must be a multiple of the global batch of "
+                             f"{batch * world_size} keys (data.batch_size={batch} x {world_size} ranks)")
 
     def param_groups(self, weight_decay):
         if not self.cfg.optim.no_decay_norm_bias:
@@ -87,7 +112,30 @@ class CMC(Method):
         l, ab = self.prepare_views(list(lab_views(views[0])))
         z_l, z_ab = self.embed(l, ab)
         impl = self.cfg.method.loss_impl
+        if self.cfg.method.memory is not None:
+            return self.contrast_with_memory(l, ab, z_l, z_ab, impl)
         # Row i's positive is the other view of its own image: key rank * B + i of the gathered keys.
         l_to_ab = gathered_info_nce(z_l, z_ab, self.temperature, impl=impl)
         ab_to_l = gathered_info_nce(z_ab, z_l, self.temperature, impl=impl)
         return l_to_ab + ab_to_l, {"loss/l_to_ab": l_to_ab.detach(), "loss/ab_to_l": ab_to_l.detach()}
+
+    def contrast_with_memory(self, l, ab, z_l, z_ab, impl):
+        """Each view's queries against the other view's momentum keys (positive: the same image's) and its
+        queue of past keys (negatives); then the gathered keys join their queues."""
+        with torch.no_grad():
+            k_l = F.normalize(self.l_momentum(l).float(), dim=1)
+            k_ab = F.normalize(self.ab_momentum(ab).float(), dim=1)
+        # The queues are pushed to below, so the losses get copies: autograd keeps them for the backward.
+        l_to_ab = info_nce(z_l, k_ab, self.temperature, queue=self.ab_queue.keys.clone(), in_batch_negatives=False, impl=impl)
+        ab_to_l = info_nce(z_ab, k_l, self.temperature, queue=self.l_queue.keys.clone(), in_batch_negatives=False, impl=impl)
+        self.l_queue.push(gather(k_l))
+        self.ab_queue.push(gather(k_ab))
+        return l_to_ab + ab_to_l, {"loss/l_to_ab": l_to_ab.detach(), "loss/ab_to_l": ab_to_l.detach()}
+
+    def after_step(self, progress):
+        memory = self.cfg.method.memory
+        if memory is None:
+            return {}
+        self.l_momentum.update(nn.Sequential(self.l_backbone, self.l_projector), memory.momentum)
+        self.ab_momentum.update(nn.Sequential(self.ab_backbone, self.ab_projector), memory.momentum)
+        return {}
