@@ -29,3 +29,11 @@ def spawn(fn, world_size: int, *args, timeout: float | None = None) -> None:
     """fn(rank, world_size, *args) on each rank; `fn` must be a module-level function. `timeout` (seconds):
     a rank stuck in a collective fails after it instead of hanging."""
     mp.spawn(_entry, args=(fn, world_size, free_port(), timeout, args), nprocs=world_size, join=True)
+
+
+def average_over_ranks(tensors) -> None:
+    """In place, what the engine (or DDP) does to gradients: the mean over ranks (nothing on one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+            t /= dist.get_world_size()

@@ -5,13 +5,12 @@ export gives the L and ab encoders as timm folders and the concatenated features
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from skimage.color import rgb2lab
 
 from conftest import tiny_config
-from distributed_utils import spawn
+from distributed_utils import average_over_ranks, spawn
 from models.colour import LAB_RANGES, rgb_to_lab, scale_lab
 from pipeline.config import ConfigError, load_config
 from pipeline.methods import build_method
@@ -137,10 +136,7 @@ def one_step_gradients(rank=0, world=1):
     loss, _ = method([images()[rank * rows:(rank + 1) * rows]])
     loss.backward()
     grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
-    for g in grads.values():  # the engine's gradient averaging over ranks
-        if world > 1:
-            dist.all_reduce(g)
-            g /= world
+    average_over_ranks(grads.values())
     return grads
 
 

@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from distributed_utils import spawn
+from distributed_utils import average_over_ranks, spawn
 from models.local_features import global_and_maps, map_rows, stage_channels
 from pipeline.losses import chunked
 from pipeline.losses.dim import dim_loss
@@ -109,14 +108,9 @@ def _loss_and_grads(estimator, rank, world):
     loss = dim_loss(g, l, estimator, "chunked")
     loss.backward()
     grads = [p.grad for p in encode.parameters()]
-    if world > 1:  # the engine's averaging over ranks
-        for grad in grads:
-            dist.all_reduce(grad)
-            grad /= world
-        loss = loss.detach().clone()
-        dist.all_reduce(loss)
-        loss /= world
-    return loss.detach(), grads
+    loss = loss.detach().clone()
+    average_over_ranks([*grads, loss])
+    return loss, grads
 
 
 def _compare_on_ranks(rank, world, expected):

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
-from distributed_utils import spawn
+from distributed_utils import average_over_ranks, spawn
 from pipeline import checkpoint
 from pipeline.distributed import shuffle_across_ranks, shuffled_order, unshuffle_across_ranks
 from pipeline.methods import build_method
@@ -48,10 +48,7 @@ def one_step_gradients(name: str, rank: int = 0, world: int = 1, *extra: str) ->
     loss, _ = method(local(global_views(1, [r.size for r in cfg.data.view_recipes()]), rank, world))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
-    for g in grads.values():  # the engine's gradient averaging over ranks
-        if world > 1:
-            dist.all_reduce(g)
-            g /= world
+    average_over_ranks(grads.values())
     return grads
 
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from distributed_utils import average_over_ranks
 from pipeline.losses import gathered_info_nce
 
 WORLD = 2
@@ -65,14 +66,9 @@ def _gradients(method: str, rank: int, world: int):
     loss = _loss(method, encoder, *_data(), rank, world)
     loss.backward()
     grads = [p.grad for p in encoder.parameters()]
-    if world > 1:  # what DDP does: average over ranks
-        for grad in grads:
-            dist.all_reduce(grad)
-            grad /= world
-        loss = loss.detach().clone()
-        dist.all_reduce(loss)
-        loss /= world
-    return loss.detach(), grads
+    loss = loss.detach().clone()
+    average_over_ranks([*grads, loss])
+    return loss, grads
 
 
 def _worker(rank: int, init_file: str, expected: dict):
