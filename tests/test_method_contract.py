@@ -40,11 +40,11 @@ class ToyCosine(Method):
         return {"toy/before_step": float(step)}
 
 
-def _train_toy(rank, world, shards, out, method="toy_cosine"):
+def _train_toy(rank, world, shards, out):
     from pipeline.train import train
 
     cfg = load_config(None, [
-        f"method.name={method}", *(["method.scale=2.0"] if method == "toy_cosine" else []), f"train.data={shards}", f"train.output={out}",
+        "method.name=toy_cosine", "method.scale=2.0", f"train.data={shards}", f"train.output={out}",
         "data.views=[{size: 16}, {size: 16}]", "data.eval_size=16", "data.eval_resize=16", "data.batch_size=8",
         "data.num_threads=1", "model.backbone=test_vit",
         "model.projector={hidden_dim: 32, out_dim: 16, layers: 1}", "engine.precision=fp32", "train.max_steps=2",
@@ -63,61 +63,6 @@ def test_a_method_registered_in_a_test_file_trains_two_steps(small_shards, tmp_p
     assert '"scale": 2.0' in card and "temperature" not in card and "sdmp" not in card  # only its own settings
 
 
-
-class GreyAndColour(torch.nn.Module):
-    """Evaluation features of the two-encoder toy: both encoders' features, concatenated."""
-
-    def __init__(self, colour, grey):
-        super().__init__()
-        self.colour, self.grey = colour, grey
-
-    def forward(self, x):
-        return torch.cat([self.colour(x), self.grey(x.mean(1, keepdim=True))], dim=1)
-
-
-@register_method("toy_two_encoders")
-class ToyTwoEncoders(Method):
-    """Two encoders, as CMC has: the colour view through `backbone`, its grey version through `grey`."""
-
-    views = Views(global_views=2)
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        from models.backbones import create_backbone
-
-        self.grey = create_backbone(cfg.model, cfg.data.view_recipes()[0].size, in_chans=1)
-
-    def forward(self, views):
-        z1 = F.normalize(self.projector(self.backbone(views[0])), dim=1)
-        z2 = F.normalize(self.projector(self.grey(views[1].mean(1, keepdim=True))), dim=1)
-        loss = -(z1 * z2).sum(1).mean()
-        return loss, {"loss/cosine": loss.detach()}
-
-    def encoders(self):
-        return {"backbone": self.backbone, "grey": self.grey}
-
-    def features(self):
-        return GreyAndColour(self.backbone, self.grey)
-
-
-@pytest.mark.slow
-def test_a_method_with_two_encoders_checkpoints_exports_and_evaluates_both(small_shards, tmp_path):
-    import timm
-
-    from pipeline.frozen import load_backbone
-
-    spawn(_train_toy, 1, str(small_shards), str(tmp_path / "run"), "toy_two_encoders")
-    ckpt = complete_checkpoints(tmp_path / "run" / "checkpoints")[-1]
-    assert {"backbone.safetensors", "grey.safetensors"} <= set(read_meta(ckpt)["files"])
-    out = tmp_path / "run" / "backbone"
-    colour = timm.create_model(f"local-dir:{out / 'backbone'}", pretrained=True).eval()
-    grey = timm.create_model(f"local-dir:{out / 'grey'}", pretrained=True).eval()
-    x = torch.randn(3, 3, 16, 16)
-    expected = torch.cat([colour(x), grey(x.mean(1, keepdim=True))], dim=1)
-    for spec in (f"local-dir:{out}", str(ckpt)):  # an export, and a checkpoint exported on the fly
-        features = load_backbone(spec).eval()
-        torch.testing.assert_close(features(x), expected)
-        assert tuple(timm.data.resolve_data_config({}, model=features)["input_size"]) == (3, 16, 16)
 
 def test_a_key_of_another_method_is_refused_naming_its_owner():
     with pytest.raises(ConfigError, match=r"method.scale: not a setting of method.name=simclr \(it belongs to toy_cosine\)"):
