@@ -31,14 +31,16 @@ sys.path.insert(0, str(ROOT))  # the project need not be installed (the GPU mach
 
 from data_shards import create  # noqa: E402
 from data_shards.shards import read_index, read_manifest  # noqa: E402
-from pipeline.config import Blur, ColorJitter, DataConfig, ViewPreset, ViewRecipe  # noqa: E402
+from pipeline.config import Blur, ColorJitter, DataConfig, RandAugment, ViewPreset, ViewRecipe  # noqa: E402
 from pipeline.data.loader import ShardLoader  # noqa: E402
 
 # The recipe fields torchvision_view maps; a field added to the config fails loudly here instead of drifting.
 MAPPED_FIELDS = {
-    ViewRecipe: {"size", "scale", "ratio", "flip", "color_jitter", "grayscale", "blur", "solarize", "interpolation", "mean", "std"},
+    ViewRecipe: {"size", "scale", "ratio", "flip", "color_jitter", "grayscale", "blur", "solarize", "interpolation", "rand_augment",
+                 "mean", "std"},
     ColorJitter: {"brightness", "contrast", "saturation", "hue", "probability", "form"},  # form: torchvision's either way
     Blur: {"probability", "sigma"},
+    RandAugment: {"n", "m", "bins"},
 }
 INTERPOLATION = {"linear": v2.InterpolationMode.BILINEAR, "cubic": v2.InterpolationMode.BICUBIC}
 
@@ -77,6 +79,8 @@ def torchvision_view(recipe: ViewRecipe) -> v2.Compose:
         v2.RandomResizedCrop(recipe.size, scale=recipe.scale, ratio=recipe.ratio, antialias=True, interpolation=INTERPOLATION[recipe.interpolation]),
         v2.RandomHorizontalFlip(recipe.flip),
     ]
+    if (r := recipe.rand_augment) is not None:
+        ops.append(v2.RandAugment(num_ops=r.n, magnitude=r.m, num_magnitude_bins=r.bins))
     if (j := recipe.color_jitter) is not None:
         ops.append(v2.RandomApply([v2.ColorJitter(j.brightness, j.contrast, j.saturation, j.hue)], p=j.probability))
     ops.append(v2.RandomGrayscale(recipe.grayscale))

@@ -3,6 +3,12 @@
 FeatMatch semi-supervised fine-tuning of a pretrained backbone: N labels per class of the training shards,
 the rest unlabeled; per-epoch JSON lines on stderr, the final result as JSON on stdout. One process, on a
 GPU when there is one (bf16 autocast), else the CPU. The method is described in pipeline/finetune.py.
+
+`--form released` (default) is GT-RIPL/FeatMatch's training step with its CIFAR settings (config/cifar10/*.json:
+T 0.75, loss.mix 0.5, loss.graph 2.0, pk 20, l_ratio 0.5, K 8 RandAugment views, bsl 64 of 192, ramp-up over
+75k of 183k iterations; model/model.py: attention dropout 0.1); `--form fixmatch` is this project's first
+form (hard pseudo-labels over --threshold, one colour-jitter strong view, weights 1 and 1). Options left
+unset take their form's value (FORM_DEFAULTS).
 """
 
 from __future__ import annotations
@@ -20,6 +26,13 @@ import pipeline.methods  # noqa: E402,F401  (registers the methods a checkpoint'
 from pipeline.checkpoint import CheckpointError  # noqa: E402
 from pipeline.finetune import finetune  # noqa: E402
 
+FORM_DEFAULTS = {
+    "released": {"lambda_g": 0.5, "lambda_f": 2.0, "rampup": 75 / 183, "attention_dropout": 0.1, "strong_views": 8,
+                 "strong_aug": "randaugment", "prototype_threshold": 0.5},
+    "fixmatch": {"lambda_g": 1.0, "lambda_f": 1.0, "rampup": 0.0, "attention_dropout": 0.0, "strong_views": 1,
+                 "strong_aug": "jitter", "prototype_threshold": None},  # None: --threshold
+}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="launch/finetune.py", description="FeatMatch semi-supervised fine-tuning")
@@ -28,7 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val", required=True, help="labeled shards to score")
     p.add_argument("--labels-per-class", type=int, required=True, metavar="N")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=256, help="images per step (each gives a weak and a strong view)")
+    p.add_argument("--form", choices=sorted(FORM_DEFAULTS), default="released",
+                   help="released: the official training step (mixup, sharpening, ramp-up); fixmatch: hard thresholded pseudo-labels")
+    p.add_argument("--batch-size", type=int, default=256, help="images per step (each gives a weak and --strong-views strong views)")
+    p.add_argument("--labeled-batch", type=int, default=None,
+                   help="labeled images in every batch, from an endless sampler of the labeled subset (default batch/3, "
+                        "as the official 64 of 192; 0: none apart)")
     p.add_argument("--lr", type=float, default=0.03, help="SGD (Nesterov, momentum 0.9) with cosine decay to 0")
     p.add_argument("--warmup-epochs", type=float, default=0.0,
                    help="linear LR warm-up before the cosine decay, in epochs (default 0: none)")
@@ -36,13 +54,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=5e-4,
                    help="on weights, not on biases, norms and the backbone's no-weight-decay tokens (timm's groups)")
     p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
-    p.add_argument("--threshold", type=float, default=0.95, help="pseudo-label confidence for the consistency losses")
-    p.add_argument("--lambda-g", type=float, default=1.0, help="weight of L_con-g (strong view through AugF)")
-    p.add_argument("--lambda-f", type=float, default=1.0, help="weight of L_con-f (strong view without AugF)")
+    p.add_argument("--threshold", type=float, default=0.95,
+                   help="fixmatch: pseudo-label confidence for the consistency losses (released: monitoring only)")
+    p.add_argument("--lambda-g", type=float, default=None, help="weight of L_con-g, through AugF (released 0.5, fixmatch 1)")
+    p.add_argument("--lambda-f", type=float, default=None, help="weight of L_con-f, without AugF (released 2, fixmatch 1)")
+    p.add_argument("--temperature", type=float, default=0.75, help="released: sharpening of the pseudo-labels")
+    p.add_argument("--rampup", type=float, default=None,
+                   help="share of the steps over which the consistency weight rises linearly to 1 (released 75/183, fixmatch 0)")
+    p.add_argument("--strong-views", type=int, default=None, help="strong views per image (released 8, fixmatch 1)")
+    p.add_argument("--strong-aug", choices=("randaugment", "jitter"), default=None,
+                   help="strong views: DALI's RandAugment (released) or colour jitter (fixmatch)")
     p.add_argument("--heads", type=int, default=4, help="attention heads of AugF")
+    p.add_argument("--attention-dropout", type=float, default=None, help="dropout on AugF's attention weights (released 0.1, fixmatch 0)")
     p.add_argument("--prototypes-per-class", type=int, default=20)
     p.add_argument("--prototype-threshold", type=float, default=None,
-                   help="pseudo-label confidence for an unlabeled feature to join its class's k-means (default: --threshold)")
+                   help="pseudo-label confidence for an unlabeled feature to join its class's k-means (released: 0.5, "
+                        "halved while a class has too few; fixmatch: --threshold)")
     p.add_argument("--kmeans-iters", type=int, default=20)
     p.add_argument("--memory-refresh", choices=("train", "pass"), default="train",
                    help="train: weak-view features recorded during the epoch; pass: an evaluation pass after it")
@@ -52,6 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--output", type=Path, default=None, help="write the fine-tuned classifier here")
     args = p.parse_args(argv)
+    for key, value in FORM_DEFAULTS[args.form].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.labeled_batch is None:
+        args.labeled_batch = args.batch_size // 3
     if args.labels_per_class < 1 or args.epochs < 1 or args.batch_size < 2 or args.heads < 1:
         p.error("--labels-per-class, --epochs and --heads must be positive, --batch-size at least 2")
     if args.prototypes_per_class < 1 or args.kmeans_iters < 0:
@@ -60,6 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("thresholds are probabilities in [0, 1]")
     if args.warmup_epochs < 0:
         p.error("--warmup-epochs must be >= 0")
+    if not 0 <= args.labeled_batch < args.batch_size:
+        p.error("--labeled-batch must be in [0, --batch-size)")
+    if args.strong_views < 1 or (args.form == "fixmatch" and args.strong_views != 1):
+        p.error("--strong-views must be positive, and 1 with --form fixmatch")
+    if not 0 <= args.rampup <= 1 or not 0 <= args.attention_dropout < 1 or args.temperature <= 0:
+        p.error("--rampup must be in [0, 1], --attention-dropout in [0, 1), --temperature positive")
     if args.prototype_threshold is None:
         args.prototype_threshold = args.threshold
     return args

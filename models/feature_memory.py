@@ -1,7 +1,9 @@
 """A feature memory: one row per sample of a data set (by global sample index) holding a feature, a label
 (true or pseudo; -1 = none) and a confidence, and the prototypes k-means finds in it.
 `class_prototypes()` clusters each class's rows (FeatMatch: labeled images and confidently pseudo-labeled
-ones), `prototypes()` all rows (no labels: prototypes for feature augmentation in contrastive pretraining).
+ones), `released_class_prototypes()` as GT-RIPL/FeatMatch's `extract_fp` does (a class mean plus k-means
+centres, labeled and unlabeled rows apart), `prototypes()` all rows (no labels: prototypes for feature
+augmentation in contrastive pretraining).
 The caller decides what goes in and when prototypes are recomputed (FeatMatch: every epoch).
 """
 
@@ -82,8 +84,72 @@ class FeatureMemory:
             raise ValueError("the memory holds no labeled rows: no class prototypes")
         return torch.cat(protos), torch.cat(owners)
 
+    def released_class_prototypes(
+        self,
+        num_classes: int,
+        per_class: int,
+        is_labeled: torch.Tensor,
+        *,
+        labeled_ratio: float = 0.5,
+        threshold: float = 0.5,
+        halvings: int = 5,
+        iters: int = 20,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The released `extract_fp`: (prototypes [P, D], their class [P]) for each class with labeled rows.
+
+        `is_labeled` [size] marks rows whose label is true; the others' labels are pseudo-labels with their
+        confidence. Unlabeled rows count when their confidence exceeds `threshold`, halved (up to `halvings`
+        tries) until each of the `num_classes` classes has more than `per_class` of them. If it never does,
+        each class gets `mean_and_centres` of its labeled rows with `per_class` prototypes; else pk_l = max(1,
+        round(per_class·labeled_ratio)) from its labeled rows and max(1, per_class − (those made)) from its
+        unlabeled ones (per_class = 1: the mean of both). Class c's k-means is seeded with `seed + c`
+        (labeled rows) and `seed + c + 10⁶` (unlabeled rows).
+        """
+        known = self.written & is_labeled.to(self.features.device) & (self.labels >= 0)
+        guessed = self.written & ~is_labeled.to(self.features.device) & (self.labels >= 0)
+        classes = torch.unique(self.labels[known]).tolist()
+        unlabeled = None
+        for _ in range(halvings):
+            confident = guessed & (self.confidence > threshold)
+            counts = torch.bincount(self.labels[confident], minlength=num_classes)
+            if bool((counts[:num_classes] > per_class).all()):
+                unlabeled = confident
+                break
+            threshold /= 2
+        protos, owners = [], []
+        for c in classes:
+            rows = self.features[known & (self.labels == c)]
+            rest = self.features[unlabeled & (self.labels == c)] if unlabeled is not None else None
+            if rest is None:
+                parts = [mean_and_centres(rows, per_class, iters=iters, seed=seed + c)]
+            elif per_class == 1:
+                parts = [mean_and_centres(torch.cat([rows, rest]), 1)]
+            else:
+                first = mean_and_centres(rows, max(1, round(per_class * labeled_ratio)), iters=iters, seed=seed + c)
+                parts = [first, mean_and_centres(rest, max(1, per_class - len(first)), iters=iters, seed=seed + c + 10**6)]
+            for part in parts:
+                protos.append(part)
+                owners.append(torch.full((part.shape[0],), c, dtype=torch.int64, device=part.device))
+        if not protos:
+            raise ValueError("the memory holds no labeled rows: no class prototypes")
+        return torch.cat(protos), torch.cat(owners)
+
     def prototypes(self, k: int, *, iters: int = 20, seed: int = 0, metric: str = "cosine") -> torch.Tensor:
         """k-means over every written row, ignoring labels: [k, D] cluster means (unlabeled prototypes)."""
         rows = self.features[self.written]
         _, assignments = kmeans(rows, k, iters=iters, seed=seed, metric=metric)
         return cluster_means(rows, assignments, k)
+
+
+def mean_and_centres(rows: torch.Tensor, n: int, *, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """The released `extract_fp_per_class` (record_mean): n = 1 gives the rows' mean; else the mean and n − 1
+    cosine k-means cluster means, or the mean and every row when there are no more than n − 1 rows."""
+    rows = rows.float()
+    mean = rows.mean(0, keepdim=True)
+    if n == 1:
+        return mean
+    if n - 1 >= rows.shape[0]:
+        return torch.cat([mean, rows])
+    _, assignments = kmeans(rows, n - 1, iters=iters, seed=seed, metric="cosine")
+    return torch.cat([mean, cluster_means(rows, assignments, n - 1)])

@@ -56,8 +56,24 @@ class Blur(Strict):
     _sigma = field_validator("sigma")(lambda v: _ordered_range(v, 0.0, None, "sigma"))
 
 
+class RandAugment(Strict):
+    """DALI's RandAugment (`nvidia.dali.auto_aug.rand_augment`): `n` operations per image at magnitude bin
+    `m` of `bins`, translations relative to the view's size."""
+
+    n: int = Field(2, ge=1)
+    m: int = Field(15, ge=0)
+    bins: int = Field(31, ge=2)
+
+    @model_validator(mode="after")
+    def _m_in_bins(self):
+        if self.m >= self.bins:
+            raise ValueError(f"rand_augment.m must be < bins={self.bins}, got {self.m}")
+        return self
+
+
 class ViewRecipe(Strict):
-    """One augmented view: random resized crop, flip, colour jitter, grayscale, blur, solarise, normalise."""
+    """One augmented view: random resized crop, RandAugment, flip, colour jitter, grayscale, blur, solarise,
+    normalise."""
 
     size: int = Field(224, ge=8, le=4096)
     scale: tuple[float, float] = (0.08, 1.0)  # fraction of the image area
@@ -68,6 +84,7 @@ class ViewRecipe(Strict):
     blur: Blur | None = None
     solarize: float = Field(0.0, ge=0.0, le=1.0)
     interpolation: Literal["linear", "cubic"] = "linear"  # of the crop's resize (cubic: bicubic, as some official recipes use)
+    rand_augment: RandAugment | None = None  # after the crop's resize, before the colour operations
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

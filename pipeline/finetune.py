@@ -6,27 +6,47 @@ shared/docs/METHODS.md): N labels per class, the rest of the training shards unl
 - Labels. An evaluation pass over the training shards gives every sample's label by global index; N per
   class are kept, chosen by a seeded permutation of the global indices (`--seed`), independent of the
   loader's order. Training hides every other label (-1), so unlabeled images are used as such.
-- Data. One DALI `ShardLoader` over the training shards with two views per image: weak (random resized
-  crop at scale 0.5-1 + flip, no colour change) and strong (crop at scale 0.2-1 + flip + colour jitter
-  0.4/0.4/0.4/0.1 with p 0.8 + grayscale 0.2, blur at 64 px and above: a SimCLR/MoCo v2-style recipe,
-  since the DALI pipeline here has no RandAugment/Cutout, which FixMatch and FeatMatch use). Labeled rows
-  of a batch are found by their global index. Views are sized and normalised as the backbone's config says.
-- Model. backbone -> features f; AugF (models.prototype_attention.PrototypeAttention, `--heads`, φᵣ zero-initialised
-  so AugF starts as relu(f)) -> g; one linear classifier on both. With `--warm-start` the classifier
-  starts as a linear probe on the labeled images' features (off by default: with few labels the folded
-  probe can have large weights that the first steps in train-mode BatchNorm undo violently).
+- Forms (`--form`). `released` (default): GT-RIPL/FeatMatch's training step (train/featmatch.py `train2`,
+  pipeline.losses.featmatch): pseudo-labels sharpened at T 0.75, mixup of labeled and unlabeled, no
+  threshold, consistency ramp-up, weights mix 0.5 / graph 2.0, prototypes by the released `extract_fp`,
+  attention dropout 0.1, 1 weak + 8 RandAugment views. `fixmatch`: this project's first form (hard
+  pseudo-labels over `--threshold`, one colour-jitter strong view, k-means prototypes of confident rows).
+- Data. Each batch is `--labeled-batch` labeled images (pipeline.data.labeled.LabeledLoader, endless, as the
+  official SSLDataLoader; 0: none apart) plus the rest from one DALI `ShardLoader` over all training shards
+  (an epoch is one pass of it; its labeled images count as labeled rows). Views: weak (random resized crop
+  at scale 0.5-1 + flip, no colour change) and `--strong-views` strong ones: `released`, the crop and
+  flip, then DALI's RandAugment (n 2, bin 15 of 31: the official draws each op's magnitude uniformly over its
+  whole range at M 9, DALI holds one; DALI's suite has no Invert, and the official views have no crop);
+  `fixmatch`, crop at scale 0.2-1 + flip + DALI's colour twist 0.4/0.4/0.4/0.1 with p 0.8 + grayscale 0.2,
+  blur at 64 px and above. Labeled rows of a batch are found by their global index. Views are sized and
+  normalised as the backbone's config says.
+- Model. backbone -> features f; AugF (models.prototype_attention.PrototypeAttention, `--heads`,
+  `--attention-dropout` on its weights, φᵣ zero-initialised so AugF starts as relu(f): the released head
+  starts at random, which would scramble a pretrained backbone's features) -> g; one linear classifier on
+  both. With `--warm-start` the classifier starts as a linear probe on the labeled images' features (off by
+  default: with few labels the folded probe can have large weights that the first steps in train-mode
+  BatchNorm undo violently).
 - Prototypes. A feature memory of the training set (weak-view features recorded during training, by global
-  index; labeled rows carry their label, unlabeled rows their pseudo-label when its confidence reaches
-  `--prototype-threshold`) gives `--prototypes-per-class` k-means prototypes per class at the start of
-  every epoch. Before the first epoch the memory comes from the evaluation pass above. `--memory-refresh
-  pass` instead refills it with an evaluation pass over the training set after every epoch (one more
-  forward epoch; its features use BatchNorm's running statistics, which only fit the training-mode
-  features AugF sees once those statistics have settled: a pretrained backbone, not a random one).
-- Losses (pipeline.losses.featmatch): L = L_clf + λ_g·L_con-g + λ_f·L_con-f with FixMatch-style hard
-  pseudo-labels from the weak view through AugF, kept where the confidence reaches `--threshold`.
-- Optimisation. timm's SGD (Nesterov, momentum 0.9) over timm's weight-decay groups (no decay on biases,
-  norms and the backbone's `no_weight_decay()` tokens), one pair of groups per part (backbone at
-  `--backbone-lr-scale` x lr, AugF, classifier); timm's `CosineLRScheduler` per step: `--warmup-epochs` of
+  index; labeled rows carry their label, unlabeled rows their pseudo-label and its confidence) gives
+  `--prototypes-per-class` (pk) prototypes per class at the start of every epoch. `released`: the class mean
+  plus k-means centres, from labeled rows alone until every class has more than pk unlabeled rows over an
+  adaptive confidence threshold (`--prototype-threshold`, 0.5, halved up to 5 times), then half from each
+  (FeatureMemory.released_class_prototypes; the official takes the labeled features from an unaugmented
+  eval-mode pass, here the memory's latest weak-view ones). `fixmatch`: pk k-means cluster means per class
+  over labeled rows and unlabeled ones whose confidence reaches `--prototype-threshold`. Before the first
+  epoch the memory comes from the evaluation pass above. `--memory-refresh pass` instead refills it with
+  an evaluation pass over the training set after every epoch (one more forward epoch; its features use
+  BatchNorm's running statistics, which only fit the training-mode features AugF sees once those
+  statistics have settled: a pretrained backbone, not a random one).
+- Losses (pipeline.losses.featmatch): L = L_clf + r·(λ_g·L_con-g + λ_f·L_con-f) with pseudo-labels from
+  the weak view through AugF; r ramps linearly from 0 to 1 over `--rampup` of the steps (`released`: 75k of
+  the CIFAR configs' 183k iterations; `fixmatch`: none). The released first forward (all views, train mode,
+  for the pseudo-labels) runs without gradient, as only its detached outputs are used.
+- Optimisation (not the released one, which runs 3k iterations without AugF, then SGD with momentum 0.95,
+  lr 0.04, wd 2e-4 on a cyclic schedule, and re-extracts prototypes every 500 iterations). timm's SGD
+  (Nesterov, momentum 0.9) over timm's weight-decay groups (no decay on biases, norms and the backbone's
+  `no_weight_decay()` tokens), one pair of groups per part (backbone at `--backbone-lr-scale` x lr, AugF,
+  classifier); timm's `CosineLRScheduler` per step: `--warmup-epochs` of
   linear warm-up (none by default), then cosine decay to 0 over the remaining steps (as pipeline/train.py).
 - Evaluation. Top-1 on --val after every epoch (a JSON line on stderr) with AugF ("val_top1", the paper's
   prediction) and without it ("val_top1_plain": backbone + classifier alone); the final JSON on stdout.
@@ -46,6 +66,7 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
@@ -57,11 +78,13 @@ from models.export import timm_config
 from models.feature_memory import FeatureMemory
 from models.prototype_attention import PrototypeAttention
 from pipeline.checkpoint import CheckpointError, read_meta
-from pipeline.config import Blur, ColorJitter, Config, DataConfig, ViewRecipe
-from pipeline.data.loader import ShardLoader
+from pipeline.config import Blur, ColorJitter, Config, DataConfig, RandAugment, ViewRecipe
+from pipeline.data.labeled import LabeledLoader
+from pipeline.data.loader import Batch, ShardLoader
 from pipeline.frozen import eval_data_config, load_backbone
 from pipeline.eval import balanced_accuracy, extract_features, top1_accuracy, train_linear_probe
-from pipeline.losses.featmatch import featmatch_loss
+from pipeline.losses.featmatch import (draw_mixup, featmatch_loss, featmatch_released_loss, mixup, pseudo_labels, rampup,
+                                       soft_targets)
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -78,21 +101,24 @@ def backbone_config(spec: str) -> dict:
     return timm_config(Config.model_validate(meta["config"]), next(iter(encoders.values())))
 
 
-def view_recipes(size: int, mean, std) -> list[ViewRecipe]:
-    """[weak, strong] at the backbone's input size and normalisation (see the module docstring)."""
+def view_recipes(size: int, mean, std, strong_views: int = 1, strong: str = "jitter") -> list[ViewRecipe]:
+    """[weak, strong × strong_views] at the backbone's input size and normalisation; `strong`: "randaugment"
+    or "jitter" (see the module docstring)."""
     weak = ViewRecipe(size=size, scale=(0.5, 1.0), color_jitter=None, grayscale=0.0, mean=mean, std=std)
-    strong = ViewRecipe(
+    if strong == "randaugment":
+        return [weak] + [weak.model_copy(update={"rand_augment": RandAugment(n=2, m=15)})] * strong_views
+    jitter = ViewRecipe(
         size=size,
         scale=(0.2, 1.0),
-        # DALI's fused colour twist, as measured so far: FeatMatch's strong view is RandAugment, which this
-        # stands in for (issue 9); torchvision's jitter here put the few-label test at 0.67, under its 0.8.
+        # The fixmatch form's strong view, DALI's fused colour twist: torchvision's jitter here put the
+        # few-label test at 0.67, under its 0.8.
         color_jitter=ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, probability=0.8, form="color_twist"),
         grayscale=0.2,
         blur=Blur(probability=0.5) if size >= 64 else None,
         mean=mean,
         std=std,
     )
-    return [weak, strong]
+    return [weak] + [jitter] * strong_views
 
 
 def choose_labeled(labels: torch.Tensor, per_class: int, num_classes: int, seed: int) -> torch.Tensor:
@@ -109,11 +135,11 @@ def choose_labeled(labels: torch.Tensor, per_class: int, num_classes: int, seed:
 class FeatMatchNet(nn.Module):
     """backbone -> f; AugF(f, prototypes) -> g; one linear classifier on f and on g."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, heads: int):
+    def __init__(self, backbone: nn.Module, num_classes: int, heads: int, dropout: float = 0.0):
         super().__init__()
         dim = backbone.num_features
         self.backbone = backbone
-        self.augf = PrototypeAttention(dim, heads=heads, zero_init=True)
+        self.augf = PrototypeAttention(dim, heads=heads, dropout=dropout, zero_init=True)
         self.classifier = nn.Linear(dim, num_classes)
         self.register_buffer("prototypes", torch.zeros(0, dim))
         self.register_buffer("prototype_labels", torch.zeros(0, dtype=torch.int64))
@@ -167,6 +193,31 @@ def warm_start(model: FeatMatchNet, features: torch.Tensor, labels: torch.Tensor
 def memory_labels(true_labels: torch.Tensor, pseudo: torch.Tensor, confidence: torch.Tensor, threshold: float) -> torch.Tensor:
     """Labeled rows keep their label; unlabeled rows take their pseudo-label when confident, else -1."""
     return torch.where(true_labels >= 0, true_labels, torch.where(confidence >= threshold, pseudo, -1))
+
+
+def join(labeled: Batch, rest: Batch) -> Batch:
+    """One batch: the labeled loader's rows, then the shard loader's, view by view."""
+    views = [torch.cat([a, b.to(a.device)]) for a, b in zip(labeled.views, rest.views)]
+    return Batch(views, torch.cat([labeled.labels, rest.labels]), torch.cat([labeled.indices, rest.indices]),
+                 torch.cat([labeled.valid, rest.valid]))
+
+
+def released_step(model: FeatMatchNet, views: list[torch.Tensor], labels: torch.Tensor, coeff: float, args: Namespace,
+                  rng, autocast: dict):
+    """The released training step on one batch (views [weak, strong...], labels -1 = unlabeled): the loss,
+    the weak view's features and its logits through AugF (from the first, gradient-free forward)."""
+    b, v = views[0].shape[0], len(views)
+    x = torch.cat(views)
+    with torch.no_grad(), torch.autocast(**autocast):
+        f, _, logits_g = model(x)  # train mode: BatchNorm over every view, as the released first forward
+    targets = soft_targets(logits_g[:b], labels, args.temperature).repeat(v, 1)
+    lam, perm = draw_mixup(x.shape[0], rng)
+    x_mix, t_mix = mixup(x, targets.to(x.dtype), lam, perm)
+    with torch.autocast(**autocast):
+        _, mixed_f, mixed_g = model(x_mix)
+    loss = featmatch_released_loss(mixed_g, mixed_f, t_mix.float(), (labels >= 0).repeat(v), coeff=coeff,
+                                   lambda_g=args.lambda_g, lambda_f=args.lambda_f)
+    return loss, f[:b], logits_g[:b]
 
 
 def optimizer_groups(model: FeatMatchNet, lr: float, backbone_scale: float, weight_decay: float) -> list[dict]:
@@ -233,13 +284,16 @@ def finetune(args: Namespace) -> dict:
     num_classes = len(class_names)
     config = backbone_config(args.backbone)
     backbone = load_backbone(args.backbone)
-    model = FeatMatchNet(backbone, num_classes, args.heads).to(device)
+    model = FeatMatchNet(backbone, num_classes, args.heads, args.attention_dropout).to(device)
+    released = args.form == "released"
 
     eval_cfg = eval_data_config(backbone, args.batch_size)
     first = eval_cfg.view_recipes()[0]
-    train_cfg = DataConfig(views=view_recipes(first.size, first.mean, first.std), batch_size=args.batch_size,
-                           eval_size=eval_cfg.eval_size, eval_resize=eval_cfg.eval_resize, seed=args.seed)
-    train_loader = ShardLoader(args.train, train_cfg, train=True, batch_size=args.batch_size, device_id=device_id)
+    views = view_recipes(first.size, first.mean, first.std, args.strong_views, args.strong_aug)
+    train_cfg = DataConfig(views=views, batch_size=args.batch_size, eval_size=eval_cfg.eval_size,
+                           eval_resize=eval_cfg.eval_resize, seed=args.seed)
+    unlabeled_batch = args.batch_size - args.labeled_batch
+    train_loader = ShardLoader(args.train, train_cfg, train=True, batch_size=unlabeled_batch, device_id=device_id)
     memory_loader = ShardLoader(args.train, eval_cfg, train=False, batch_size=args.batch_size, device_id=device_id)
     val_loader = ShardLoader(args.val, eval_cfg, train=False, batch_size=args.batch_size, device_id=device_id)
     n_train = train_loader.manifest.num_samples
@@ -255,6 +309,12 @@ def finetune(args: Namespace) -> dict:
         short = [class_names[c] for c in (per_class < args.labels_per_class).nonzero().flatten().tolist()]
         print(f"warning: fewer than {args.labels_per_class} images in class(es) {short[:5]}: all of them are labeled", file=sys.stderr)
     known = torch.where(is_labeled, all_labels, -1).to(device)  # what training may see: -1 = unlabeled
+    labeled_loader = None
+    if args.labeled_batch:
+        labeled_loader = LabeledLoader(args.train, is_labeled.nonzero().flatten().tolist(), train_cfg, args.labeled_batch,
+                                       device_id=device_id, seed=args.seed)
+    # released: every pseudo-label goes into the memory; prototypes pick confident ones with an adaptive threshold
+    memory_threshold = 0.0 if released else args.prototype_threshold
 
     if args.warm_start:
         warm_start(model, first_pass["features"][is_labeled.to(device)], all_labels[is_labeled].to(device), num_classes, args.seed)
@@ -263,11 +323,15 @@ def finetune(args: Namespace) -> dict:
         confidence, pseudo = model.classifier(torch.relu(first_pass["features"])).softmax(1).max(1)
     if not args.warm_start:  # an untrained classifier's pseudo-labels mean nothing
         confidence = torch.zeros_like(confidence)
-    memory.update(first_pass["indices"], first_pass["features"], memory_labels(known, pseudo, confidence, args.prototype_threshold), confidence)
+    memory.update(first_pass["indices"], first_pass["features"], memory_labels(known, pseudo, confidence, memory_threshold), confidence)
 
     def refresh_prototypes(epoch: int) -> None:
-        protos, owners = memory.class_prototypes(num_classes, args.prototypes_per_class, iters=args.kmeans_iters,
-                                                 seed=args.seed + 1000 * epoch)
+        seed = args.seed + 1000 * epoch
+        if released:
+            protos, owners = memory.released_class_prototypes(num_classes, args.prototypes_per_class, known >= 0,
+                                                              threshold=args.prototype_threshold, iters=args.kmeans_iters, seed=seed)
+        else:
+            protos, owners = memory.class_prototypes(num_classes, args.prototypes_per_class, iters=args.kmeans_iters, seed=seed)
         model.prototypes, model.prototype_labels = protos.to(device), owners.to(device)
 
     def evaluate() -> dict:
@@ -281,6 +345,8 @@ def finetune(args: Namespace) -> dict:
     initial = evaluate()
     total_steps = args.epochs * len(train_loader)
     opt, schedule = build_optimizer(model, args, total_steps, len(train_loader))
+    rampup_steps = round(args.rampup * total_steps)
+    mix_rng = np.random.default_rng(args.seed)
     step = 0
 
     history = []
@@ -290,14 +356,22 @@ def finetune(args: Namespace) -> dict:
         sums = torch.zeros(5, device=device)  # total, clf, con_g, con_f, confident rows
         unlabeled_rows = torch.zeros((), device=device)
         for batch in train_loader:
-            weak, strong = (v.to(device, non_blocking=True) for v in batch.views)
+            if labeled_loader is not None:
+                batch = join(next(labeled_loader), batch)
+            views = [v.to(device, non_blocking=True) for v in batch.views]
             indices = batch.indices.to(device, non_blocking=True)
             labels = known[indices]
-            with torch.autocast(**autocast):
-                f, logits_f, logits_g = model(torch.cat([weak, strong]))
-            b = weak.shape[0]
-            loss = featmatch_loss(logits_g[:b], logits_g[b:], logits_f[b:], labels, threshold=args.threshold,
-                                  lambda_g=args.lambda_g, lambda_f=args.lambda_f)
+            b = views[0].shape[0]
+            if released:
+                loss, f_weak, weak_g = released_step(model, views, labels, rampup(step, rampup_steps), args, mix_rng, autocast)
+                pseudo, confidence, confident = pseudo_labels(weak_g, args.threshold)
+                confident = confident & (labels < 0)
+            else:
+                with torch.autocast(**autocast):
+                    f, logits_f, logits_g = model(torch.cat(views))
+                loss = featmatch_loss(logits_g[:b], logits_g[b:], logits_f[b:], labels, threshold=args.threshold,
+                                      lambda_g=args.lambda_g, lambda_f=args.lambda_f)
+                f_weak, pseudo, confidence, confident = f[:b], loss.pseudo_labels, loss.confidence, loss.mask
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
             if args.grad_clip:
@@ -306,16 +380,15 @@ def finetune(args: Namespace) -> dict:
             step += 1
             schedule.step_update(step)
             if args.memory_refresh == "train":
-                memory.update(indices, f[:b].float(),
-                              memory_labels(labels, loss.pseudo_labels, loss.confidence, args.prototype_threshold),
-                              torch.where(labels >= 0, 1.0, loss.confidence))
-            sums += torch.stack([loss.total.detach(), loss.clf.detach(), loss.con_g.detach(), loss.con_f.detach(), loss.mask.sum()])
+                memory.update(indices, f_weak.float(), memory_labels(labels, pseudo, confidence, memory_threshold),
+                              torch.where(labels >= 0, 1.0, confidence))
+            sums += torch.stack([loss.total.detach(), loss.clf.detach(), loss.con_g.detach(), loss.con_f.detach(), confident.sum()])
             unlabeled_rows += (labels < 0).sum()
 
         if args.memory_refresh == "pass":
             out = collect(model, memory_loader, device, autocast)
             confidence, pseudo = out["logits_g"].softmax(1).max(1)
-            memory.update(out["indices"], out["features"], memory_labels(known[out["indices"]], pseudo, confidence, args.prototype_threshold), confidence)
+            memory.update(out["indices"], out["features"], memory_labels(known[out["indices"]], pseudo, confidence, memory_threshold), confidence)
         refresh_prototypes(epoch + 1)
         # Monitoring only (training never reads these labels): how right the memory's pseudo-labels are.
         pseudo_rows = (known < 0) & (memory.labels >= 0)

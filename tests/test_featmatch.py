@@ -292,9 +292,10 @@ def test_finetune_learns_from_few_labels(colour_shards, tiny_backbone, tmp_path,
     argv = ["--backbone", f"local-dir:{tiny_backbone}", "--train", str(colour_shards / "train"),
             "--val", str(colour_shards / "val"), "--labels-per-class", "2", "--epochs", "6", "--batch-size", "12",
             "--lr", "0.05", "--threshold", "0.8", "--prototypes-per-class", "3", "--heads", "2",
-            "--output", str(out)]
+            "--strong-views", "2", "--output", str(out)]  # the released form, with 2 of its 8 RandAugment views
     assert finetune.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
+    print({k: result[k] for k in ("initial_val_top1", "val_top1", "val_top1_plain")})
     assert result["labeled_images"] == 6 and result["train_images"] == 48 and result["val_images"] == 24
     assert len(result["epochs"]) == 6
     assert result["epochs"][-1]["prototypes"] >= 6  # at least the labeled images of every class
@@ -346,7 +347,7 @@ def test_launch_finetune_runs_end_to_end(colour_shards, tiny_backbone, tmp_path)
     """`python launch/finetune.py` as a user runs it: one epoch on the tiny set, JSON on stdout."""
     cmd = [sys.executable, str(LAUNCH), "--backbone", f"local-dir:{tiny_backbone}", "--train", str(colour_shards / "train"),
            "--val", str(colour_shards / "val"), "--labels-per-class", "2", "--epochs", "1", "--batch-size", "12",
-           "--warmup-epochs", "0.5", "--prototypes-per-class", "2", "--heads", "2", "--device", "cpu",
+           "--warmup-epochs", "0.5", "--prototypes-per-class", "2", "--heads", "2", "--strong-views", "1", "--device", "cpu",
            "--output", str(tmp_path / "out")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
+from nvidia.dali.auto_aug import rand_augment
 
 from data_shards.shards import MAX_DECIMAL_DIGITS
 from pipeline.config import ColorJitter, ViewRecipe
@@ -204,6 +205,9 @@ def view(image, shape, recipe: ViewRecipe, out_dtype, debug: bool):
         interp_type=_INTERPOLATION[recipe.interpolation],
         antialias=True,
     )
+    if recipe.rand_augment is not None:  # runs on the CPU pipeline too (it needs the conditionals views_pipeline enables)
+        ra = recipe.rand_augment
+        out = rand_augment.rand_augment(out, n=ra.n, m=ra.m, num_magnitude_bins=ra.bins, shape=[recipe.size, recipe.size])
     out = _color(out, recipe)
     if recipe.blur is not None:
         sigma = _uniform(*recipe.blur.sigma)
