@@ -292,10 +292,9 @@ def test_finetune_learns_from_few_labels(colour_shards, tiny_backbone, tmp_path,
     argv = ["--backbone", f"local-dir:{tiny_backbone}", "--train", str(colour_shards / "train"),
             "--val", str(colour_shards / "val"), "--labels-per-class", "2", "--epochs", "6", "--batch-size", "12",
             "--lr", "0.05", "--threshold", "0.8", "--prototypes-per-class", "3", "--heads", "2",
-            "--strong-views", "2", "--output", str(out)]  # the released form, with 2 of its 8 RandAugment views
+            "--strong-views", "1", "--output", str(out)]  # the released form, with 1 of its 8 RandAugment views
     assert finetune.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
-    print({k: result[k] for k in ("initial_val_top1", "val_top1", "val_top1_plain")})
     assert result["labeled_images"] == 6 and result["train_images"] == 48 and result["val_images"] == 24
     assert len(result["epochs"]) == 6
     assert result["epochs"][-1]["prototypes"] >= 6  # at least the labeled images of every class

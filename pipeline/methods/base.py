@@ -51,11 +51,12 @@ class Views:
         if self.raw_rgb:
             for i, r in enumerate(recipes):
                 changed = {"mean": r.mean != (0.0, 0.0, 0.0), "std": r.std != (1.0, 1.0, 1.0), "grayscale": r.grayscale > 0,
-                           "solarize": r.solarize > 0, "color_jitter": r.color_jitter is not None and r.color_jitter.probability > 0}
+                           "solarize": r.solarize > 0, "color_jitter": r.color_jitter is not None and r.color_jitter.probability > 0,
+                           "rand_augment": r.rand_augment is not None}
                 if any(changed.values()):
                     found = ", ".join(f"{k}={getattr(r, k)}" for k, v in changed.items() if v)
                     raise ValueError(f"method.name={name} takes unnormalised sRGB views with their colours untouched "
-                                     f"(mean [0, 0, 0], std [1, 1, 1], no color_jitter, grayscale or solarize); "
+                                     f"(mean [0, 0, 0], std [1, 1, 1], no color_jitter, grayscale, solarize or rand_augment); "
                                      f"data.views[{i}] has {found}")
 
 
