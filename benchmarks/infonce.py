@@ -3,10 +3,12 @@ Triton path (`info_nce(impl="triton")`), in one run, on the same inputs. Needs a
 
     python benchmarks/infonce.py                                   # N = 4k..256k, D = 128 and 256, bf16
     python benchmarks/infonce.py --sizes 4096 65536 --dims 256 --json out.jsonl
-    python benchmarks/infonce.py --sizes 65536 --shapes 512x32768 25088x25088 --dims 256   # and DIM, CPC shapes
+    python benchmarks/infonce.py --sizes 65536 --shapes 512x32768 8960x25088 25088x25088 --dims 256   # and DIM, CPC shapes
 
 One GPU holds the whole batch: N L2-normalised queries against N keys, row i's positive is key i; with
---shapes BxN, B queries against N keys (B <= N), as DIM's global vectors against all gathered locals.
+--shapes BxN, B queries against N keys (B <= N), as DIM's global vectors against all gathered locals, or
+one rank's CPC predictions against every patch target (64 images x 140 predictions at offsets 1-5 = 8960
+queries against 512 x 49 = 25,088 targets: 8960x25088).
 Before timing each (N, D), the fused path is checked against an fp32 computation from the same bf16
 inputs on a random subset of rows (loss and gradients; exits on a mismatch). Plain PyTorch is skipped
 where its logits would not fit in free GPU memory. Time: median of --repeats fwd+bwd steps after
