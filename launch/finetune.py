@@ -45,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="released: the official training step (mixup, sharpening, ramp-up); fixmatch: hard thresholded pseudo-labels")
     p.add_argument("--batch-size", type=int, default=256, help="images per step (each gives a weak and --strong-views strong views)")
     p.add_argument("--labeled-batch", type=int, default=None,
-                   help="labeled images in every batch, from an endless sampler of the labeled subset (default batch/3, "
-                        "as the official 64 of 192; 0: none apart)")
+                   help="labeled images in every batch, from an endless sampler of the labeled subset (released: "
+                        "batch/3, as the official 64 of 192; fixmatch: 0, none apart)")
     p.add_argument("--lr", type=float, default=0.03, help="SGD (Nesterov, momentum 0.9) with cosine decay to 0")
     p.add_argument("--warmup-epochs", type=float, default=0.0,
                    help="linear LR warm-up before the cosine decay, in epochs (default 0: none)")
@@ -82,8 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in FORM_DEFAULTS[args.form].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.labeled_batch is None:
-        args.labeled_batch = args.batch_size // 3
+    if args.labeled_batch is None:  # released: bsl 64 of 192; fixmatch: no sampler, as that form first ran
+        args.labeled_batch = args.batch_size // 3 if args.form == "released" else 0
     if args.labels_per_class < 1 or args.epochs < 1 or args.batch_size < 2 or args.heads < 1:
         p.error("--labels-per-class, --epochs and --heads must be positive, --batch-size at least 2")
     if args.prototypes_per_class < 1 or args.kmeans_iters < 0:

@@ -16,7 +16,7 @@ from pipeline.losses.featmatch import draw_mixup, featmatch_released_loss, mixup
 import test_featmatch
 
 ROOT = Path(__file__).resolve().parents[1]
-colour_shards = test_featmatch.colour_shards  # its tiny shard set (a module fixture), shared
+colour_shards, tiny_backbone = test_featmatch.colour_shards, test_featmatch.tiny_backbone  # its fixtures, shared
 
 
 def launch_module():
@@ -260,7 +260,7 @@ def test_form_defaults():
     assert {k: getattr(released, k) for k in expected} == pytest.approx(expected)
     fixmatch = launch.parse_args(base + ["--form", "fixmatch", "--threshold", "0.9"])
     expected = {"lambda_g": 1.0, "lambda_f": 1.0, "strong_views": 1, "strong_aug": "jitter", "attention_dropout": 0.0,
-                "rampup": 0.0, "prototype_threshold": 0.9}
+                "rampup": 0.0, "prototype_threshold": 0.9, "labeled_batch": 0}
     assert {k: getattr(fixmatch, k) for k in expected} == expected
     from pipeline import finetune
 
@@ -269,3 +269,16 @@ def test_form_defaults():
     assert finetune.FeatMatchNet(backbone, 3, 2, released.attention_dropout).augf.dropout.p == 0.1
     with pytest.raises(SystemExit):
         launch.parse_args(base + ["--form", "fixmatch", "--strong-views", "2"])
+
+
+def test_fixmatch_form_is_one_setting_away(colour_shards, tiny_backbone, capsys):
+    """`--form fixmatch` is the form test_featmatch's few-label test ran before the released one: same bar."""
+    import json
+
+    argv = ["--backbone", f"local-dir:{tiny_backbone}", "--train", str(colour_shards / "train"),
+            "--val", str(colour_shards / "val"), "--labels-per-class", "2", "--epochs", "6", "--batch-size", "12",
+            "--lr", "0.05", "--threshold", "0.8", "--prototypes-per-class", "3", "--heads", "2", "--form", "fixmatch"]
+    assert launch_module().main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["settings"]["labeled_batch"] == 0 and result["settings"]["strong_aug"] == "jitter"
+    assert result["val_top1"] >= 0.8 and result["val_top1_plain"] >= 0.8, result
