@@ -32,7 +32,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 
 from pipeline.losses import triton_lse  # noqa: E402
-from pipeline.losses.logits import CircleNegativeLogits, ScaledLogits  # noqa: E402
+from pipeline.losses.logits import CircleNegativeLogits, ScaledLogits, TanhClipLogits  # noqa: E402
 
 if triton_lse.INTERPRETING:
     pytest.skip("TRITON_INTERPRET=1 replaces the kernels' configurations with one interpreter tile",
@@ -56,6 +56,7 @@ CASES = {
     "fp32-D256-infonce": (torch.float32, 256, INFO_NCE, 0),  # minutes per configuration: ieee dots unroll to FMAs
     "bf16-D512-oucl-exclude": (torch.bfloat16, 512, OUCL, 1),
     "bf16-D256-oucl-detached": (torch.bfloat16, 256, CircleNegativeLogits(8.0, 0.2, 0.4, detach_weight=True), 0),
+    "bf16-D1024-amdim-exclude": (torch.bfloat16, 1024, TanhClipLogits(scale=1 / 32, clip=20.0), 25),  # r5: 25 own
 }
 FLOAT_ARGS = {"scale", "beta", "optimum", "margin"}
 FP32_POINTERS = {"LSE", "GRAD"}

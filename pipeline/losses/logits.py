@@ -1,6 +1,6 @@
 """Epilogues: how a dot product x = q·k becomes a logit z, and its slope dz/dx for the backward pass.
 
-The row log-sum-exp kernels (chunked and Triton) are generic over these, so InfoNCE and OUCL share them.
+The row log-sum-exp kernels (chunked and Triton) are generic over these, so InfoNCE, OUCL and AMDIM share them.
 Triton mirrors `value_and_slope` in `triton_lse._logits_and_slope`; the two are tested against each other.
 """
 
@@ -54,4 +54,16 @@ class CircleNegativeLogits:
         return self.beta * weight * (s - self.margin), 0.5 * self.beta * dz_ds
 
 
-Logits = ScaledLogits | CircleNegativeLogits
+@dataclass(frozen=True)
+class TanhClipLogits:
+    """AMDIM's scores: s = scale·x (scale = 1/√d), soft-clipped to z = clip·tanh(s/clip) (amdim-public's tanh_clip)."""
+
+    scale: float
+    clip: float
+
+    def value_and_slope(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.tanh(x * (self.scale / self.clip))
+        return self.clip * t, self.scale * (1 - t * t)
+
+
+Logits = ScaledLogits | CircleNegativeLogits | TanhClipLogits

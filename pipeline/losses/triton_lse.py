@@ -1,8 +1,8 @@
-"""Triton kernels for the row log-sum-exp of `row_lse` (InfoNCE and OUCL): O(B + N) memory.
+"""Triton kernels for the row log-sum-exp of `row_lse` (InfoNCE, OUCL, AMDIM): O(B + N) memory.
 
 Forward: one program per block of query rows loops over key tiles, computes S = Q·Kᵀ in fp32 from
-fp16/bf16/fp32 inputs, applies the epilogue (z = S/τ, or OUCL's weighted negatives), and keeps a running
-max and sum (online log-sum-exp); only lse [B] is stored.
+fp16/bf16/fp32 inputs, applies the epilogue (z = S/τ, OUCL's weighted negatives, AMDIM's clipped scores),
+and keeps a running max and sum (online log-sum-exp); only lse [B] is stored.
 Backward recomputes the tiles, W = g·softmax·dz/dx, and needs no atomics: one kernel over query blocks
 accumulates dQ = W·K, a second over key blocks accumulates dKᵀ = Wᵀ·Q (so autotuning may rerun both).
 A backward that is to be differentiated again (create_graph, MetAug's meta step) runs chunked's PyTorch
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .chunked import row_lse_grads
-from .logits import CircleNegativeLogits, Logits, ScaledLogits
+from .logits import CircleNegativeLogits, Logits, ScaledLogits, TanhClipLogits
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_BLOCK_D = 256  # feature dims up to this are one (masked, power-of-two) chunk
@@ -90,10 +90,15 @@ def _scores(a_c, A, a_index, a_valid, a_stride, B, b_index, b_valid, b_stride, c
 
 @triton.jit
 def _logits_and_slope(x, scale, beta, optimum, margin, EPILOGUE: tl.constexpr, DETACH: tl.constexpr):
-    """Mirror of `logits.ScaledLogits` (EPILOGUE 0) and `logits.CircleNegativeLogits` (EPILOGUE 1)."""
+    """Mirror of `logits.ScaledLogits` (EPILOGUE 0), `logits.CircleNegativeLogits` (EPILOGUE 1) and
+    `logits.TanhClipLogits` (EPILOGUE 2, its clip passed as beta)."""
     if EPILOGUE == 0:
         z = x * scale
         slope = scale
+    elif EPILOGUE == 2:
+        t = 1.0 - 2.0 / (tl.exp(2.0 * x * scale / beta) + 1.0)  # tanh; exp's overflow to inf gives t = 1
+        z = beta * t
+        slope = scale * (1.0 - t * t)
     else:
         s = (x + 1.0) * 0.5
         weight = tl.maximum(s - optimum, 0.0)
@@ -239,6 +244,8 @@ def _constants(q: torch.Tensor, logits: Logits) -> dict:
     elif isinstance(logits, CircleNegativeLogits):
         epilogue = dict(scale=0.0, beta=logits.beta, optimum=logits.optimum, margin=logits.margin, EPILOGUE=1,
                         DETACH=logits.detach_weight)
+    elif isinstance(logits, TanhClipLogits):
+        epilogue = dict(scale=logits.scale, beta=logits.clip, optimum=0.0, margin=0.0, EPILOGUE=2, DETACH=False)
     else:
         raise TypeError(f"no Triton epilogue for {type(logits).__name__}")
     dim = q.shape[1]
