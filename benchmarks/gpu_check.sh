@@ -4,7 +4,8 @@
 # one report under OUT_DIR: gpu_check.json, gpu_check.md (figure, target, pass/fail) and gpu_check.log.
 #   bash benchmarks/gpu_check.sh [--dry-run] [--only STEP,...] OUT_DIR
 # --dry-run prints the plan (steps, budgets, commands) on any machine and runs nothing; --only reruns some
-# steps (data always runs first). Without CUDA the GPU steps are "skipped: no CUDA" and the report is
+# steps (data always runs first) or runs the extra one: `--only recipes`, each recipe's 25-epoch loss curve
+# on the digits (benchmarks/recipe_curves.py), a second call of 5 minutes. Without CUDA the GPU steps are "skipped: no CUDA" and the report is
 # still written. Data: the archive benchmarks/gpu_data.sh makes (GPU_DATA_ARCHIVE to use another).
 # The budgets add up to 6 minutes on one H200; see benchmarks/README.md for the calls that bring the
 # packages there first.
@@ -44,10 +45,12 @@ STEPS=(
   'loader|45|cuda data|python benchmarks/loader.py --shards "$WORK/data/imagenet" --device gpu --batch-size 64 --batches 200 --baseline-batches 16 --hw-decoder-loads 0 0.5 0.65 0.8 0.95 --json "$WORK/loader.jsonl"'
   'train|45|cuda data|python benchmarks/train.py --data "$WORK/data/imagenet" --batch-size 128 --steps 30 --warmup 10 --json "$WORK/train.jsonl" engine.zero_stage=2 engine.precision=bf16'
   'cifar10|115|cuda data|CIFAR_SHARDS="$WORK/data/cifar10" OUTPUT="$WORK/cifar10-run" MINUTES=1.5 EPOCHS=40 bash benchmarks/cifar10.sh launch/configs/simclr_resnet18_cifar.yaml train.checkpoint_every=1000000'
+  # extra: only when named in --only, as a second call (it would take the one call past 10 minutes)
+  'recipes|300|cuda extra|python benchmarks/recipe_curves.py --epochs 25 --parallel 4 --json "$WORK/recipes.jsonl"'
 )
 
-selected() {  # data always runs: the other steps read what it unpacks
-  [ -z "$only" ] || [ "$1" = data ] || [[ ",$only," == *",$1,"* ]]
+selected() {  # name needs. data always runs: the other steps read what it unpacks; an extra step only when named
+  [ "$1" = data ] || [[ ",$only," == *",$1,"* ]] || { [ -z "$only" ] && [[ $2 != *extra* ]]; }
 }
 
 names=" ${STEPS[*]%%|*} "
@@ -61,7 +64,7 @@ if [ "$dry_run" = 1 ]; then
   echo "then benchmarks/gpu_report.py writes OUT_DIR/gpu_check.{json,md,log}. ARCHIVE=$archive, WORK=a scratch folder."
   for spec in "${STEPS[@]}"; do
     IFS='|' read -r name budget needs command <<< "$spec"
-    selected "$name" || continue
+    selected "$name" "$needs" || continue
     total=$((total + budget))
     printf '  %-8s %4d s  needs: %-10s %s\n' "$name" "$budget" "${needs:--}" "$command"
   done
@@ -104,7 +107,7 @@ cuda=$(python -c 'import json, sys; print(int(json.load(open(sys.argv[1]))["cuda
 data_ok=0
 for spec in "${STEPS[@]}"; do
   IFS='|' read -r name budget needs command <<< "$spec"
-  selected "$name" || continue
+  selected "$name" "$needs" || continue
   log="$work/logs/$name.log"
   start=$(date +%s%N)
   if [[ $needs == *cuda* ]] && [ "$cuda" != 1 ]; then

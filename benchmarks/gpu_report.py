@@ -4,7 +4,7 @@
 
 WORK is the folder `gpu_check.sh` ran in: `steps.jsonl` (one line per step: step, budget_s, seconds,
 status), `run.json` (date, device, packages), the steps' results (`tests.xml`, `infonce.jsonl`,
-`loader.jsonl`, `train.jsonl`, `cifar10-run/`) and `logs/STEP.log`. OUT_DIR gets three files, well within
+`loader.jsonl`, `train.jsonl`, `cifar10-run/`, `recipes.jsonl`) and `logs/STEP.log`. OUT_DIR gets three files, well within
 what comes back from the GPU machine (8 files of 16 MiB): gpu_check.json (everything), gpu_check.md (the
 tables) and gpu_check.log (each step's log, its last LOG_TAIL_BYTES). A figure a step did not produce is
 "not measured", with the step's status; a figure without a target is reported as measured.
@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 LOG_TAIL_BYTES = 2 * 2**20
-STEPS = ["data", "tests", "infonce", "loader", "train", "cifar10"]
+STEPS = ["data", "tests", "infonce", "loader", "train", "cifar10", "recipes"]
 PASS, FAIL, NOT_MEASURED = "pass", "FAIL", "not measured"
 
 
@@ -230,6 +230,25 @@ def cifar_figures(work: Path) -> list[dict]:
     ]
 
 
+# --- extra step: each recipe's curve on the digits ------------------------------------------------
+
+def recipe_figures(records: list[dict]) -> list[dict]:
+    """One row per recipe (recipe_curves.py's JSON lines): it learns when its last epoch's mean loss is
+    under its first's by 1% or more (a stall at chance stays flat)."""
+    rows = []
+    for r in records:
+        means = r.get("epoch_means") or []
+        if not means:
+            rows.append(figure(f"recipe {r['recipe']} on the digits: loss, first -> last epoch", None))
+            continue
+        first, last = means[0], means[-1]
+        knn = " -> ".join(f"{v:.1%}" for v in (r.get("knn_start"), r.get("knn_end")) if v is not None)
+        chance = f", chance {r['chance']:.3f}" if r.get("chance") is not None else ""
+        rows.append(figure(f"recipe {r['recipe']} on the digits, {len(means)} epochs: loss first -> last epoch{chance}; kNN {knn}",
+                           f"{first:.3f} -> {last:.3f}", "falls >= 1%", last <= 0.99 * first))
+    return rows
+
+
 # --- the report -------------------------------------------------------------------------------------
 
 def collect(work: Path) -> dict:
@@ -241,6 +260,7 @@ def collect(work: Path) -> dict:
         "infonce": read_jsonl(work / "infonce.jsonl"),
         "loader": read_jsonl(work / "loader.jsonl"),
         "train": read_jsonl(work / "train.jsonl"),
+        "recipes": read_jsonl(work / "recipes.jsonl"),
     }
     sections = [
         ("tests", pytest_figures(work)),
@@ -248,6 +268,7 @@ def collect(work: Path) -> dict:
         ("loader", loader_figures(results["loader"])),
         ("train", train_figures(results["train"])),
         ("cifar10", cifar_figures(work)),
+        ("recipes", recipe_figures(results["recipes"])),
     ]
     figures = []
     for step, rows in sections:

@@ -46,6 +46,20 @@ def test_dry_run_prints_each_step_with_its_budget():
     assert "engine.zero_stage=2" in commands["train"] and "MINUTES=1.5" in commands["cifar10"]
     only = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--only", "loader"], capture_output=True, text=True, timeout=30)
     assert re.findall(r"^  (\w+) ", only.stdout, re.M) == ["data", "loader"]
+    extra = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--only", "recipes"], capture_output=True, text=True, timeout=30)
+    assert re.findall(r"^  (\w+) ", extra.stdout, re.M) == ["data", "recipes"]  # the extra step: a call of its own
+    assert "recipe_curves.py --epochs 25" in extra.stdout and "budgets: 315 s in all" in extra.stdout
+
+
+def test_recipe_curves_report_a_stall_at_chance(report):
+    rows = report.recipe_figures([
+        {"recipe": "simclr", "epoch_means": [5.73, 5.5, 5.3], "chance": 5.54, "knn_start": 0.245, "knn_end": 0.86},
+        {"recipe": "mocov3", "epoch_means": [3.915, 3.917, 3.91], "chance": 3.88, "knn_start": 0.947, "knn_end": 0.933},
+        {"recipe": "broken", "epoch_means": [], "rc": 1},
+    ])
+    assert [r["result"] for r in rows] == ["pass", "FAIL", "not measured"]
+    assert rows[0]["value"] == "5.730 -> 5.300" and "3 epochs" in rows[0]["figure"] and "24.5% -> 86.0%" in rows[0]["figure"]
+    assert "chance 3.880" in rows[1]["figure"]
 
 
 def test_usage_without_out_dir_and_unknown_steps():
