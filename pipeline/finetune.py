@@ -31,9 +31,10 @@ shared/docs/METHODS.md): N labels per class, the rest of the training shards unl
   `--prototypes-per-class` (pk) prototypes per class at the start of every epoch. `released`: the class mean
   plus k-means centres, from labeled rows alone until every class has more than pk unlabeled rows over an
   adaptive confidence threshold (`--prototype-threshold`, 0.5, halved up to 5 times), then half from each
-  (FeatureMemory.released_class_prototypes; the official takes the labeled features from an unaugmented
-  eval-mode pass, here the memory's latest weak-view ones). `fixmatch`: pk k-means cluster means per class
-  over labeled rows and unlabeled ones whose confidence reaches `--prototype-threshold`. Before the first
+  (FeatureMemory.released_class_prototypes; the labeled rows' features from an eval-mode pass of their
+  evaluation view before each extraction, as the official `get_labeled_featrues`). `fixmatch`: pk k-means
+  cluster means per class over labeled rows and unlabeled ones whose confidence reaches
+  `--prototype-threshold`. Before the first
   epoch the memory comes from the evaluation pass above. `--memory-refresh pass` instead refills it with
   an evaluation pass over the training set after every epoch (one more forward epoch; its features use
   BatchNorm's running statistics, which only fit the training-mode features AugF sees once those
@@ -327,6 +328,9 @@ def finetune(args: Namespace) -> dict:
 
     def refresh_prototypes(epoch: int) -> None:
         seed = args.seed + 1000 * epoch
+        if released and labeled_loader is not None and epoch > 0:  # the labeled rows from an unaugmented pass
+            out = collect(model, labeled_loader.evaluation(), device, autocast)
+            memory.update(out["indices"], out["features"], known[out["indices"]], torch.ones(out["indices"].shape[0]))
         if released:
             protos, owners = memory.released_class_prototypes(num_classes, args.prototypes_per_class, known >= 0,
                                                               threshold=args.prototype_threshold, iters=args.kmeans_iters, seed=seed)

@@ -215,9 +215,10 @@ def test_every_batch_holds_the_labeled_share(colour_shards):
     assert [v.rand_augment is not None for v in views] == [False, True, True]
     cfg = DataConfig(views=views, batch_size=8, eval_size=24, eval_resize=24, seed=0)
     everything = ShardLoader(train, cfg, train=False, batch_size=16)
-    true_label = {}
+    true_label, eval_view = {}, {}
     for batch in everything:
         true_label.update({int(i): int(y) for i, y, ok in zip(batch.indices, batch.labels, batch.valid) if ok})
+        eval_view.update({int(i): v for i, v, ok in zip(batch.indices, batch.views[0], batch.valid) if ok})
     chosen = [3, 7, 11, 20, 31, 40]
     labeled = LabeledLoader(train, chosen, cfg, 4, seed=0)
     rest = ShardLoader(train, cfg, train=True, batch_size=8)
@@ -231,6 +232,13 @@ def test_every_batch_holds_the_labeled_share(colour_shards):
         assert joined.indices[4:].tolist() == batch.indices.tolist()
         seen.append(head)
     assert step == 5 and len({i for h in seen for i in h}) == len(chosen)  # 6 batches; every labeled image drawn
+    for _ in range(2):  # the unaugmented pass (prototypes' labeled features): each image once, as ShardLoader's
+        batches = list(labeled.evaluation())
+        assert [b.valid.tolist() for b in batches] == [[True] * 4, [True, True, False, False]]
+        rows = [(int(i), v) for b in batches for i, v, ok in zip(b.indices, b.views[0], b.valid) if ok]
+        assert [i for i, _ in rows] == chosen
+        for i, v in rows:
+            torch.testing.assert_close(v, eval_view[i])
 
 
 # -------------------------------------------------------------------------------- attention dropout

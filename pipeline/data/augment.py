@@ -235,6 +235,10 @@ def views_pipeline(spec: ReaderSpec, recipes: list[ViewRecipe], gpu: bool, out_d
 def eval_pipeline(spec: ReaderSpec, size: int, resize: int, gpu: bool, out_dtype, hw_decoder_load: float, mean, std):
     """Outputs: the resized, centre-cropped image (CHW), label text, index text."""
     encoded, label, index = _read(spec)
-    image = _decode(encoded, gpu, hw_decoder_load)
+    return eval_view(_decode(encoded, gpu, hw_decoder_load), size, resize, mean, std, out_dtype), label, index
+
+
+def eval_view(image, size: int, resize: int, mean, std, out_dtype):
+    """The evaluation view of decoded `image`: shorter side resized to `resize`, centre crop `size`, normalised."""
     image = fn.resize(image, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
-    return _normalize(image, mean, std, out_dtype, crop=(size, size)), label, index
+    return _normalize(image, mean, std, out_dtype, crop=(size, size))
