@@ -85,6 +85,18 @@ def test_fused_path_stays_finite_and_exact_at_large_scores():
 
 
 @pytest.mark.skipif(INTERPRETING, reason="the interpreter run takes only the Triton cases")
+def test_autocast_leaves_the_loss_in_fp32():
+    """The method calls the loss inside bf16 autocast: its matmuls (positives, sum of squares) stay fp32."""
+    q, l = features(images=4, locations=3, dim=16, scale=2.0, dtype=torch.float32)
+    want = amdim_nce(q, l, 20.0, "chunked")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = amdim_nce(q, l, 20.0, "chunked")
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter run takes only the Triton cases")
 def test_bad_input_is_refused():
     q, l = features()
     with pytest.raises(ValueError, match=r"l must be \[B, M, D\]"):

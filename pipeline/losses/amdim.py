@@ -40,7 +40,7 @@ def amdim_nce(q: torch.Tensor, l: torch.Tensor, clip: float = 20.0, impl: str = 
     l [B, M, D] of every image of the global batch.
 
     impl: "reference" (dense logits, the definition), "chunked", "triton" or "auto" (Triton on CUDA, chunked
-    otherwise). Both values are fp32 (fp64 for fp64 inputs).
+    otherwise). Both values are fp32 (fp64 for fp64 inputs), under autocast too.
     """
     checks.check_features("q", q)
     if l.ndim != 3 or l.shape[0] != q.shape[0]:
@@ -55,22 +55,24 @@ def amdim_nce(q: torch.Tensor, l: torch.Tensor, clip: float = 20.0, impl: str = 
     rows, locations = l.shape[:2]
     if world_size() * rows < 2:
         raise ValueError("AMDIM needs at least two images in the global batch: the negatives are the other images' locations")
-    work = torch.promote_types(q.dtype, torch.float32)
-    q = q.to(work)
-    keys = gather_with_grad(l.flatten(0, 1)).to(work)  # [W·B·M, D], image-major
-    first = (rank() * rows + torch.arange(rows, device=q.device)) * locations
-    own = first[:, None] + torch.arange(locations, device=q.device)  # [B, M]: the query's own image
-    logits = TanhClipLogits(1.0 / math.sqrt(q.shape[1]), float(clip))
-    positive, _ = logits.value_and_slope(pair_dots(q, keys, own))  # [B, M]
-    if impl == "reference":
-        raw = q @ keys.T * logits.scale
-        mean_square = raw.square().mean()
-        negative_lse = torch.logsumexp((clip * torch.tanh(raw / clip)).scatter(1, own, float("-inf")), 1)
-    else:
-        negative_lse = row_log_sum_exp(q, keys, None, own, logits, impl)
-        mean_square = _SquareSum.apply(q, keys) * (logits.scale**2 / (rows * keys.shape[0]))
-    nce = -(positive - torch.logaddexp(positive, negative_lse[:, None])).mean()
-    return nce, mean_square
+    # fp32 throughout, under autocast too: the positives, the LSE kernels and the sum of squares alike.
+    with torch.autocast(q.device.type, enabled=False):
+        work = torch.promote_types(q.dtype, torch.float32)
+        q = q.to(work)
+        keys = gather_with_grad(l.flatten(0, 1)).to(work)  # [W·B·M, D], image-major
+        first = (rank() * rows + torch.arange(rows, device=q.device)) * locations
+        own = first[:, None] + torch.arange(locations, device=q.device)  # [B, M]: the query's own image
+        logits = TanhClipLogits(1.0 / math.sqrt(q.shape[1]), float(clip))
+        positive, _ = logits.value_and_slope(pair_dots(q, keys, own))  # [B, M]
+        if impl == "reference":
+            raw = q @ keys.T * logits.scale
+            mean_square = raw.square().mean()
+            negative_lse = torch.logsumexp((clip * torch.tanh(raw / clip)).scatter(1, own, float("-inf")), 1)
+        else:
+            negative_lse = row_log_sum_exp(q, keys, None, own, logits, impl)
+            mean_square = _SquareSum.apply(q, keys) * (logits.scale**2 / (rows * keys.shape[0]))
+        nce = -(positive - torch.logaddexp(positive, negative_lse[:, None])).mean()
+        return nce, mean_square
 
 
 class _SquareSum(torch.autograd.Function):
