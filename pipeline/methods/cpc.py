@@ -73,7 +73,7 @@ class CPC(Method):
         self.target = nn.Linear(width, m.target_dim)  # a 1x1 conv of the latents
         # One Linear of K·target_dim outputs is K separate 1x1 convs of the context, block k for offsets[k].
         self.predict = nn.Linear(width, len(m.offsets) * m.target_dim)
-        self._step = 0
+        self._step, self._draws = 0, 0  # the optimizer step, and forward passes within it (accumulation)
 
     @classmethod
     def check(cls, cfg, world_size: int) -> None:
@@ -93,12 +93,14 @@ class CPC(Method):
         return PatchFeatures(self.backbone, self.cfg.method.patch_size, self.cfg.method.patch_stride)
 
     def before_step(self, step: int) -> dict[str, float]:
-        self._step = step
+        self._step, self._draws = step, 0
         return {}
 
     def augmentation_generator(self, device: torch.device) -> torch.Generator:
-        """Seeded by (train.seed, rank, step): each rank its own draws, and a resumed run the same ones."""
-        seed = ((self.cfg.train.seed * 1_000_003 + rank()) * 2**32 + self._step) % 2**63
+        """Seeded by (train.seed, rank, step, forward pass within the step): each rank and micro-batch its own
+        draws, and a resumed run the same ones, with no generator state to checkpoint."""
+        self._draws += 1
+        seed = (((self.cfg.train.seed * 1_000_003 + rank()) * 2**24 + self._step) * 2**8 + self._draws) % 2**63
         return torch.Generator(device).manual_seed(seed)
 
     def latents_and_context(self, patches: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
