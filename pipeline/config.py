@@ -283,11 +283,27 @@ class OptimConfig(Strict):
     accumulation_steps: int = Field(1, ge=1)
 
 
+def native_precision() -> str:
+    """bf16 where this machine computes it natively (CUDA with bf16, or a CPU with bf16 instructions), else
+    fp16 on CUDA and fp32 on CPUs: bf16 autocast emulated on a CPU without them is about 10x slower than fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 class EngineConfig(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 0
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # auto: native_precision() of the machine that loads the configuration (recorded resolved in checkpoints)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "bf16"
     offload_optimizer: bool = False  # ZeRO-Offload: needs zero_stage >= 1
     deepspeed_config: str | None = None  # a JSON file whose keys are merged under ours (launch/deepspeed/)
+
+    @field_validator("precision")
+    @classmethod
+    def _resolve_auto(cls, v):
+        return native_precision() if v == "auto" else v
 
     @model_validator(mode="after")
     def _offload_needs_zero(self):

@@ -114,3 +114,16 @@ def test_pretrain_refuses_a_train_and_val_pair_from_different_runs(small_shards,
     out = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), "--data", str(small_shards), "--val-data", str(other)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "different data_shards.create runs" in out.stderr
+
+
+@pytest.mark.parametrize("cuda, cuda_bf16, cpu_bf16, expected", [
+    (False, False, False, "fp32"), (False, False, True, "bf16"), (True, True, False, "bf16"), (True, False, False, "fp16")])
+def test_auto_precision_is_what_the_machine_computes_natively(monkeypatch, cuda, cuda_bf16, cpu_bf16, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: cpu_bf16)
+    cfg = load_config(ROOT / "launch" / "configs" / "default.yaml")
+    assert cfg.engine.precision == expected  # resolved when loaded, so checkpoints record what ran
+    assert load_config(None, ["engine.precision=bf16"]).engine.precision == "bf16"

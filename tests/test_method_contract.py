@@ -159,11 +159,11 @@ def test_the_multicrop_preset_trains_on_the_digits(digits, tmp_path):
     import sys
 
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--data", str(digits / "train"), "--output", str(tmp_path / "run"),
-           "data.views={preset: multicrop, size: 32, local_size: 16, local_views: 2, blur: false}", "data.batch_size=64",
+           "data.views={preset: multicrop, size: 32, local_size: 16, local_views: 2, blur: false}", "data.batch_size=32",
            "model.projector={hidden_dim: 128, out_dim: 64, last_bn: affine}", "optim.name=adamw", "optim.lr=0.002",
-           "optim.warmup_epochs=0", "train.max_steps=6", "train.log_every=1", "train.knn_every=0",
+           "optim.warmup_epochs=0", "train.max_steps=3", "train.log_every=1", "train.knn_every=0",
            "engine.precision=fp32"]  # bf16 autocast is 10x slower on CPUs without bf16 instructions
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     losses = [float(line.split("total=")[1].split()[0]) for line in done.stdout.splitlines() if "total=" in line]
-    assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))

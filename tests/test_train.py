@@ -93,10 +93,13 @@ def deepspeed_cmd(*args: str, port: int | None = None) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(port or free_port()), *args]
 
 
-@pytest.mark.parametrize(
-    "stage, precision", [(1, "bf16"), (2, "bf16"), (3, "bf16"), (2, "fp16")], ids=["zero1", "zero2", "zero3", "zero2-fp16"]
-)
-@pytest.mark.parametrize("backbone, method", [("test_vit", "mocov3"), ("test_resnet", "simclr")])
+@pytest.mark.parametrize("backbone, method, stage, precision", [
+    *[pytest.param("test_resnet", "simclr", stage, precision, id=f"test_resnet-simclr-zero{stage}-{precision}")
+      for stage, precision in [(1, "bf16"), (2, "bf16"), (3, "bf16"), (2, "fp16")]],
+    # the ViT with a momentum encoder at ZeRO-3 only, where its parameters are partitioned (the other stages
+    # add nothing the ResNet runs do not test, at twice their time)
+    pytest.param("test_vit", "mocov3", 3, "bf16", id="test_vit-mocov3-zero3-bf16"),
+])
 def test_zero_stages_on_two_ranks_in_mixed_precision(small_shards, tmp_path, stage, precision, backbone, method):
     out = tmp_path / "run"
     run(deepspeed_cmd("--num_gpus", "2", *tiny_run(small_shards, out, f"model.backbone={backbone}", f"method.name={method}",
