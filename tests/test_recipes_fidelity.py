@@ -27,8 +27,9 @@ SIMCLR = "google-research/simclr README, CIFAR-10 command"
 SDCLR = "VITA-Group/SDCLR@34c932e cmds/shell_scrips/cifar-10-LT.sh --prune True --prune_percent 0.9 --prune_dual_bn True"
 
 
-def head(hidden, out, layers, last_bn, bias=True, hidden_bn=True):
-    return HeadConfig(hidden_dim=hidden, out_dim=out, layers=layers, last_bn=last_bn, bias=bias, hidden_bn=hidden_bn)
+def head(hidden, out, layers, last_bn, bias=True, hidden_bn=True, init_std=None):
+    return HeadConfig(hidden_dim=hidden, out_dim=out, layers=layers, last_bn=last_bn, bias=bias, hidden_bn=hidden_bn,
+                      init_std=init_std)
 
 
 # recipe -> [(key, expected value, source)]; "views.i.x" is view i of the resolved view list.
@@ -94,7 +95,8 @@ FIDELITY = {
         ("views.0.blur.probability", 0.5, "facebookresearch/moco main_moco.py aug_plus"),
     ],
     "simclr_resnet18_cifar": [
-        ("model.projector", head(512, 128, 3, "affine"), "google-research/simclr model_util.py: num_proj_layers 3, BN on each"),
+        ("model.projector", head(512, 128, 3, "scale", init_std=0.01),
+         "google-research/simclr tf2/model.py ProjectionHead: 3 layers, BN on each, the last center=False; Dense N(0, 0.01)"),
         ("method.temperature", 0.5, f"{SIMCLR}: --temperature=0.5"),
         ("optim.name", "lars", "google-research/simclr: --optimizer lars (default)"),
         ("optim.lr", 1.0, f"{SIMCLR}: --learning_rate=1.0"),
@@ -205,6 +207,29 @@ def test_head_is_the_official_module(recipe, which, in_dim, official):
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
     for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):  # the same running statistics
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_simclr_head_is_the_official_definition():
+    """tf2/model.py's nonlinear ProjectionHead, written as its layers compute in training: Dense without bias
+    (use_bn), BatchNorm with shift on the middle layers then ReLU, BatchNorm with scale only on the last."""
+    torch.manual_seed(0)
+    ours = mlp_head(512, load_config(CONFIGS / "simclr_resnet18_cifar.yaml").model.projector)
+    linears = [m for m in ours if isinstance(m, nn.Linear)]
+    norms = [m for m in ours if isinstance(m, nn.BatchNorm1d)]
+    assert len(linears) == len(norms) == 3 and all(m.bias is None for m in linears)
+    assert all(abs(m.weight.std().item() - 0.01) < 0.001 for m in linears)  # RandomNormal(stddev=0.01)
+    assert norms[-1].bias is None and all(m.bias is not None for m in norms[:-1])
+    for m in norms:  # non-trivial scales and shifts, so the test sees them
+        m.weight.data.uniform_(0.5, 1.5)
+        if m.bias is not None:
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(32, 512, dtype=torch.float64)
+    h = x
+    for i, (lin, bn) in enumerate(zip(linears, norms)):
+        z = h @ lin.weight.double().T
+        z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + bn.eps) * bn.weight.double()
+        h = (z + bn.bias.double()).relu() if i < 2 else z
+    torch.testing.assert_close(ours.double()(x), h)
 
 
 # --- MoCo v3's ViT: position embedding, initialisation, optimiser groups -----------------------------------
