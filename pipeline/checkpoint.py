@@ -506,8 +506,9 @@ def resolve(resume: str, folder: Path) -> Path | None:
 
 def export_encoders(path: Path, out: Path) -> Path:
     """Write the checkpoint's encoders as timm folders (see models.export): `out` itself for a method with
-    one encoder; `out/NAME` for each of several, with `out/features.json` naming them and the recipe, from
-    which `pipeline.frozen.load_backbone` rebuilds the method's evaluation features."""
+    one encoder; `out/NAME` for each of several. With several, or when the method's evaluation features are
+    more than its encoder's output (meta `own_features`), `out/features.json` names them and the recipe,
+    from which `pipeline.frozen.load_backbone` rebuilds the method's evaluation features."""
     meta = read_meta(path)
     specs = meta.get("encoders")
     if not isinstance(specs, dict) or not specs:
@@ -519,11 +520,13 @@ def export_encoders(path: Path, out: Path) -> Path:
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: an encoder cannot be read ({_first_line(e)})") from None
     out = Path(out)
-    if len(specs) == 1:
-        (name, spec), = specs.items()
-        write_timm_folder(out, states[name], spec, cfg, meta, name)
-        return out
     for name, spec in specs.items():
-        write_timm_folder(out / name, states[name], spec, cfg, meta, name)
-    _atomic_write(out / "features.json", json.dumps({"encoders": sorted(specs), "config": meta["config"]}, indent=1))
+        write_timm_folder(encoder_folder(out, name, len(specs)), states[name], spec, cfg, meta, name)
+    if len(specs) > 1 or meta.get("own_features"):
+        _atomic_write(out / "features.json", json.dumps({"encoders": sorted(specs), "config": meta["config"]}, indent=1))
     return out
+
+
+def encoder_folder(out: Path, name: str, count: int) -> Path:
+    """Where an export keeps encoder `name`: the export folder itself when it is the only one."""
+    return out if count == 1 else out / name

@@ -1,7 +1,8 @@
 """A trained backbone for evaluation and fine-tuning: loaded from an export (`local-dir:FOLDER`) or a
 checkpoint folder, with the data configuration its export declares (input size, crop, normalisation).
-The export of a method with several encoders (`features.json` beside one folder per encoder) gives the
-method's own evaluation features (`Method.features()`), rebuilt from its recipe."""
+An export with `features.json` (several encoders, one folder each, or one encoder whose method evaluates
+more than its output, as CPC's patch grid) gives the method's own evaluation features (`Method.features()`),
+rebuilt from its recipe."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 import models  # noqa: F401  (registers the CIFAR-stem ResNet with timm)
 from models.export import data_config
-from pipeline.checkpoint import CheckpointError, export_encoders
+from pipeline.checkpoint import CheckpointError, encoder_folder, export_encoders
 from pipeline.config import Config, DataConfig, ViewRecipe
 
 
@@ -42,7 +43,7 @@ def _load_export(folder: Path) -> torch.nn.Module:
     if sorted(encoders) != sorted(names):
         raise CheckpointError(f"{folder / 'features.json'}: names encoders {names}, method {cfg.method.name} has {sorted(encoders)}")
     for name, encoder in encoders.items():
-        encoder.load_state_dict(_create_from_folder(folder / name).state_dict())
+        encoder.load_state_dict(_create_from_folder(encoder_folder(folder, name, len(names))).state_dict())
     features = method.features()
     features.pretrained_cfg = data_config(cfg)  # what evaluation reads: the recipe's RGB input
     return features

@@ -25,6 +25,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from data_shards.shards import read_manifest
 from pipeline import checkpoint
 from pipeline.config import Config
 from pipeline.data.loader import ShardLoader, batches_per_epoch
@@ -326,17 +327,21 @@ class Run:
         meta = {"world_size": self.world_size, "fingerprint": checkpoint.fingerprint(self.method, self.cfg),
                 "config": self.cfg.model_dump(mode="json"), "epochs_done": self.step / self.steps_per_epoch,
                 "encoders": {name: encoder_spec(encoder) for name, encoder in encoders.items()},
+                # evaluation features other than one encoder's output (CMC's concatenation, CPC's patch grid):
+                # the export then carries features.json to rebuild them
+                "own_features": not any(self.method.features() is e for e in encoders.values()),
                 "metrics": self.metrics}
         self.path = checkpoint.save(self.engine, Path(self.cfg.train.output) / "checkpoints", self.step, self.rank,
                                     {"data": self.loader.state_dict()}, meta, encoder_states(self.engine, self.method),
                                     self.cfg.train.keep_checkpoints)
 
-    def micro_step(self, views: list[torch.Tensor]) -> bool:
-        """One forward and backward; the optimizer steps at an accumulation boundary (returns True then)."""
+    def micro_step(self, views: list[torch.Tensor], indices: torch.Tensor | None = None) -> bool:
+        """One forward and backward; the optimizer steps at an accumulation boundary (returns True then).
+        `indices`: the samples' dataset indices, for a method whose `views.indices` asks for them."""
         if self.micro == 0:
             self.step_values = self.method.before_step(self.step)
         try:
-            loss, parts = self.engine(views)
+            loss, parts = self.engine(views, **({} if indices is None else {"indices": indices}))
         except NonFiniteInput as e:  # the loss's own checks (CPU inputs) see it before the log does
             raise NonFiniteLoss(f"step {self.step + 1}: the loss is not finite ({e}); nothing was saved after the last "
                                 "checkpoint, which --resume auto takes (lower optim.lr, or set optim.grad_clip)") from None
@@ -372,9 +377,10 @@ class Run:
                 self.log.scalars(self.step, epoch_values)
         for batch in self.meter.timed(loader):
             views = [v.to(self.device, non_blocking=True) for v in batch.views]
+            indices = batch.indices.to(self.device, non_blocking=True) if self.method.views.indices else None
             if self.meter.first:
                 self.log.views(views, cfg.data.view_recipes())
-            if not self.micro_step(views):
+            if not self.micro_step(views, indices):
                 continue
             self.step += 1
             extra = {**self.step_values, **self.method.after_step(self.step / self.total_steps)}
@@ -416,6 +422,7 @@ def train(cfg: Config) -> Path:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     method = build_method(cfg)
+    method.set_data_size(read_manifest(cfg.train.data).num_samples)  # before the fingerprint and the engine
     if cfg.method.batch_norm == "sync" and world_size > 1:  # every method's setting (MethodConfig)
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     plan = plan_resume(cfg, method, rank, world_size)

@@ -276,3 +276,8 @@ def test_training_on_the_digits_lifts_knn_and_the_export_gives_the_same_features
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(PatchFeatures(exported, 8, 4)(x), method.features()(x))
+    # Evaluation of the export (launch/evaluate.py, linear.py) rebuilds the grid features from features.json.
+    from pipeline.frozen import load_backbone
+
+    with torch.no_grad():
+        torch.testing.assert_close(load_backbone(f"local-dir:{run / 'backbone'}").eval()(x), method.features()(x))

@@ -43,6 +43,7 @@ def test_embedded_default_short(tmp_path):
     assert ckpt.name == "step-00000002" and any((run_dir / "tensorboard").iterdir())
     # The exported backbone loads with plain timm and gives the trained online backbone's features.
     model = timm.create_model(f"local-dir:{run_dir / 'backbone'}", pretrained=True).eval()
+    assert not (run_dir / "backbone" / "features.json").exists()  # SimCLR evaluates its backbone's output
     from models.backbones import create_backbone
     from pipeline.config import Config
 
