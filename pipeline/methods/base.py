@@ -2,11 +2,14 @@
 export use only these declarations and know no method by name:
 
 - `Config`: its own pydantic class for the recipe's `method:` section (registered with `register_method`);
-- `views`: how many global views it takes and whether it takes local (multi-crop) views;
+- `views`: how many global views it takes, whether it takes local (multi-crop) views, and whether its
+  forward takes each sample's dataset index;
 - `check(cfg, world_size)`: its constraints, run before any process group forms;
 - `param_groups(weight_decay)`: what the engine's optimizer trains;
 - `encoders()`: the named backbones to export, and `features()`: what kNN and linear evaluation use;
-- hooks `start_epoch`, `before_step`, `after_step`; `forward(views)` returns (loss, parts to log).
+- hooks `set_data_size` (the training set's size, before the engine or a checkpoint sees the module),
+  `start_epoch`, `before_step`, `after_step`; `forward(views)` (`forward(views, indices=...)` when
+  `views.indices`) returns (loss, parts to log).
 
 Every method also gets the online backbone and projector built from `model:`.
 """
@@ -33,11 +36,13 @@ class Views:
     """The views a method takes: `global_views` first (one size), then any number of smaller local views
     when `local_views` (multi-crop). `raw_rgb`: the views must be unnormalised sRGB in [0, 1] with their
     colours untouched (no jitter, grayscale or solarisation), for a method that changes colour space itself
-    (CMC's Lab)."""
+    (CMC's Lab). `indices`: the loop passes each sample's index in the training set, [B] int64 on the
+    device, as `forward(views, indices=...)` (a memory indexed by sample: CMC's memory bank)."""
 
     global_views: int = 2
     local_views: bool = False
     raw_rgb: bool = False
+    indices: bool = False
 
     def check(self, cfg: Config) -> None:
         recipes = cfg.data.view_recipes()
@@ -117,6 +122,11 @@ class Method(nn.Module):
             out += list(encoder(torch.cat(group)).split([v.shape[0] for v in group]))
             start = end
         return out
+
+    def set_data_size(self, size: int) -> None:
+        """The training set's sample count (its indices run from 0 to size - 1), given once by the loop
+        after construction and before the engine, a checkpoint or the fingerprint sees the module: buffers
+        indexed by sample are made here, so they are saved and restored with the module's state."""
 
     def start_epoch(self, epoch: int) -> dict[str, float]:
         """Before the first step of each epoch (not when resuming mid-epoch); returns scalars to log. Runs

@@ -6,8 +6,12 @@ the global batch (gathered with their gradient), the softmax form CMC's README r
 binary NCE. With `method.memory` the negatives are past keys instead, as in CMC's momentum-contrast
 variant: a momentum copy of each view's encoder gives the keys, row i's positive is the other view's
 momentum key of its image, its negatives a FIFO queue of that view's past keys gathered from all ranks.
-CMC's memory bank indexed by sample (momentum 0.5) is not built: it needs each sample's dataset index in
-the forward pass. Evaluation uses both encoders' features, concatenated [L | ab], as CMC reports them."""
+With `method.memory_bank` the negatives are CMC's own memory (pipeline/methods/memory_bank.py): a row per
+training sample and view, indexed by the dataset index the loop passes (`Views(indices=True)`); L queries
+against the ab rows (positive: the ab row of the query's own sample, as NCEAverage scores it) and ab
+queries against the L rows, K sampled rows as negatives, then both views' rows of the global batch move
+to the current features (momentum 0.5). Evaluation uses both encoders' features, concatenated [L | ab],
+as CMC reports them."""
 
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ from pipeline.distributed import FeatureQueue, gather
 from pipeline.losses import gathered_info_nce, info_nce
 from pipeline.methods import register_method
 from pipeline.methods.base import Method, Views
+from pipeline.methods.memory_bank import MemoryBank, MemoryBankConfig
+
+L_VIEW, AB_VIEW = 0, 1  # rows of the memory bank
 
 
 def lab_views(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,13 +63,14 @@ class KeyMemory(Strict):
 class CMCConfig(MethodConfig):
     temperature: float = Field(0.07, gt=0.0)
     loss_impl: Literal["auto", "reference", "chunked", "triton"] = "auto"
-    memory: KeyMemory | None = None  # None: the keys of the global batch are the negatives
+    memory: KeyMemory | None = None  # MoCo-style past keys; None (and no memory_bank): the global batch's keys
+    memory_bank: MemoryBankConfig | None = None  # CMC's memory indexed by sample
 
 
 @register_method("cmc")
 class CMC(Method):
     Config = CMCConfig
-    views = Views(global_views=1, raw_rgb=True)
+    views = Views(global_views=1, raw_rgb=True, indices=True)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -80,11 +88,16 @@ class CMC(Method):
             self.l_momentum = MomentumEncoder(nn.Sequential(self.l_backbone, self.l_projector))
             self.ab_momentum = MomentumEncoder(nn.Sequential(self.ab_backbone, self.ab_projector))
             self.l_queue, self.ab_queue = FeatureQueue(memory.size, dim), FeatureQueue(memory.size, dim)
+        if cfg.method.memory_bank is not None:
+            self.bank = MemoryBank(cfg.method.memory_bank, 2, cfg.model.projector.out_dim, cfg.train.seed)
 
     @classmethod
     def check(cls, cfg, world_size):
         super().check(cfg, world_size)
         memory, batch = cfg.method.memory, cfg.data.batch_size
+        if memory is not None and cfg.method.memory_bank is not None:
+            raise ValueError("method.memory (MoCo-style queues) and method.memory_bank (CMC's) are two kinds of "
+                             "negatives: set one")
         if memory is not None and memory.size % (batch * world_size):
             raise ValueError(f"method.memory.size={memory.size} must be a multiple of the global batch of "
                              f"{batch * world_size} keys (data.batch_size={batch} x {world_size} ranks)")
@@ -108,10 +121,21 @@ class CMC(Method):
         z_ab = self.ab_projector(self.ab_backbone(ab))
         return F.normalize(z_l.float(), dim=1), F.normalize(z_ab.float(), dim=1)
 
-    def forward(self, views):
+    def set_data_size(self, size):
+        if self.cfg.method.memory_bank is not None:
+            self.bank.allocate(size)
+
+    def before_step(self, step):
+        if self.cfg.method.memory_bank is not None:
+            self.bank.begin_step(step)
+        return {}
+
+    def forward(self, views, indices=None):
         l, ab = self.prepare_views(list(lab_views(views[0])))
         z_l, z_ab = self.embed(l, ab)
         impl = self.cfg.method.loss_impl
+        if self.cfg.method.memory_bank is not None:
+            return self.contrast_with_bank(z_l, z_ab, indices)
         if self.cfg.method.memory is not None:
             return self.contrast_with_memory(l, ab, z_l, z_ab, impl)
         # Row i's positive is the other view of its own image: key rank * B + i of the gathered keys.
@@ -130,6 +154,17 @@ class CMC(Method):
         ab_to_l = info_nce(z_ab, k_l, self.temperature, queue=self.l_queue.keys.clone(), in_batch_negatives=False, impl=impl)
         self.l_queue.push(gather(k_l))
         self.ab_queue.push(gather(k_ab))
+        return l_to_ab + ab_to_l, {"loss/l_to_ab": l_to_ab.detach(), "loss/ab_to_l": ab_to_l.detach()}
+
+    def contrast_with_bank(self, z_l, z_ab, indices):
+        """L queries against the ab rows, ab queries against the L rows (the same sampled negatives), then
+        the batch's rows move towards its features."""
+        if indices is None:
+            raise ValueError("method.memory_bank needs each sample's dataset index: forward(views, indices=...)")
+        negatives = self.bank.sample(z_l.shape[0], z_l.device)
+        l_to_ab = self.bank.loss(z_l, AB_VIEW, indices, negatives, self.temperature)
+        ab_to_l = self.bank.loss(z_ab, L_VIEW, indices, negatives, self.temperature)
+        self.bank.update(indices, [z_l, z_ab])
         return l_to_ab + ab_to_l, {"loss/l_to_ab": l_to_ab.detach(), "loss/ab_to_l": ab_to_l.detach()}
 
     def after_step(self, progress):
