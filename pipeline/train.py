@@ -327,7 +327,7 @@ class Run:
         meta = {"world_size": self.world_size, "fingerprint": checkpoint.fingerprint(self.method, self.cfg),
                 "config": self.cfg.model_dump(mode="json"), "epochs_done": self.step / self.steps_per_epoch,
                 "encoders": {name: encoder_spec(encoder) for name, encoder in encoders.items()},
-                # evaluation features other than one encoder's output (CMC's concatenation, CPC's patch grid):
+                # evaluation features other than one encoder's output (two encoders' features concatenated, a patch grid):
                 # the export then carries features.json to rebuild them
                 "own_features": not any(self.method.features() is e for e in encoders.values()),
                 "metrics": self.metrics}
