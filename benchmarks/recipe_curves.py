@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=64, help="view size for the ImageNet-sized recipes")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every recipe "
+                   "(on a CPU: model.cifar_stem=false, whose 32x32 maps cost ~16x the compute)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (a GPU has room for several)")
     p.add_argument("--json", type=Path, help="append one JSON line per recipe")
     args = p.parse_args(argv)
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
 
     def one(name: str) -> dict:
         recipe = CONFIGS / f"{name}.yaml"
-        overrides = digits_overrides(recipe, args.batch_size, args.image_size, args.epochs)
+        overrides = digits_overrides(recipe, args.batch_size, args.image_size, args.epochs) + args.set
         print(f">>> {name}: {' '.join(overrides)}", flush=True)
         result = run(recipe, overrides, args.epochs, args.max_steps, args.precision, Path(tmp) / name)
         row = summarise(name, result, steps_per_epoch, chance(load_config(recipe, overrides), args.batch_size))

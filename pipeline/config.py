@@ -192,8 +192,8 @@ def format_validation_error(error, prefix: str = "") -> str:
 class HeadConfig(Strict):
     """MLP head of `layers` Linear layers. Each hidden layer is followed by BatchNorm (`hidden_bn`) and ReLU;
     the last one by `last_bn`: "none", "affine" (BatchNorm on every layer, the output included),
-    "no_affine" (a BatchNorm without scale and shift) or "scale" (scale, no shift: SimCLR's). A Linear followed by BatchNorm has no bias (the
-    BatchNorm's shift replaces it); `bias` gives the others one. Each recipe states its method's head."""
+    "no_affine" (a BatchNorm without scale and shift) or "scale" (scale, no shift: TensorFlow's
+    center=False). A Linear followed by BatchNorm has no bias (the BatchNorm's shift replaces it); `bias` gives the others one. Each recipe states its method's head."""
 
     hidden_dim: int = Field(2048, ge=1)
     out_dim: int = Field(128, ge=1)
@@ -201,7 +201,7 @@ class HeadConfig(Strict):
     hidden_bn: bool = True
     last_bn: Literal["none", "affine", "no_affine", "scale"] = "none"
     bias: bool = True
-    init_std: float | None = Field(None, gt=0.0)  # Linear weights N(0, std²) (SimCLR: 0.01); None: PyTorch's init
+    init_std: float | None = Field(None, gt=0.0)  # Linear weights N(0, std²), zero biases; None: PyTorch's init
 
 
 class ModelConfig(Strict):
