@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from pipeline.distributed import gather_with_grad, rank, world_size
+from pipeline.distributed import gather_with_grad, rank
 
 from . import checks
 from .chunked import _chunks
@@ -42,19 +42,11 @@ def amdim_nce(q: torch.Tensor, l: torch.Tensor, clip: float = 20.0, impl: str = 
     impl: "reference" (dense logits, the definition), "chunked", "triton" or "auto" (Triton on CUDA, chunked
     otherwise). Both values are fp32 (fp64 for fp64 inputs), under autocast too.
     """
-    checks.check_features("q", q)
-    if l.ndim != 3 or l.shape[0] != q.shape[0]:
-        raise ValueError(f"l must be [B, M, D] with q's B={q.shape[0]}; got shape {tuple(l.shape)}")
-    checks.check_features("l", l.flatten(0, 1), like=q)
+    checks.check_queries_and_locals("q", q, l, "AMDIM")
     if not clip > 0:
         raise ValueError(f"clip must be positive; got {clip}")
-    if checks.value_checks_enabled(q, l):
-        checks.check_finite("q", q)
-        checks.check_finite("l", l)
     impl = checks.resolve_impl(impl, q)
     rows, locations = l.shape[:2]
-    if world_size() * rows < 2:
-        raise ValueError("AMDIM needs at least two images in the global batch: the negatives are the other images' locations")
     # fp32 throughout, under autocast too: the positives, the LSE kernels and the sum of squares alike.
     with torch.autocast(q.device.type, enabled=False):
         work = torch.promote_types(q.dtype, torch.float32)

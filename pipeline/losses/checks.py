@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from pipeline.distributed import world_size
+
 IMPLS = ("auto", "reference", "chunked", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_DIM = 1024
@@ -41,6 +43,20 @@ def check_features(name: str, x, like: torch.Tensor | None = None) -> None:
         raise TypeError(f"{name} is {x.dtype} but q is {like.dtype}; cast them to one dtype")
     if x.device != like.device:
         raise ValueError(f"{name} is on {x.device} but q is on {like.device}")
+
+
+def check_queries_and_locals(q_name: str, q: torch.Tensor, l: torch.Tensor, method: str) -> None:
+    """One query [B, D] per image against its locals [B, M, D] (DIM, AMDIM), contrasted with the other
+    images of the global batch: shapes, dtypes, finite values, and at least two images in all."""
+    check_features(q_name, q)
+    if l.ndim != 3 or l.shape[0] != q.shape[0]:
+        raise ValueError(f"l must be [B, M, D] with {q_name}'s B={q.shape[0]}; got shape {tuple(l.shape)}")
+    check_features("l", l.flatten(0, 1), like=q)
+    if value_checks_enabled(q, l):
+        check_finite(q_name, q)
+        check_finite("l", l)
+    if world_size() * q.shape[0] < 2:
+        raise ValueError(f"{method} needs at least two images in the global batch: the negatives are the other images' locals")
 
 
 def check_temperature(temperature) -> float:

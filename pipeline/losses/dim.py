@@ -45,17 +45,9 @@ def dim_loss(g: torch.Tensor, l: torch.Tensor, estimator: str = "jsd", impl: str
     (Triton on CUDA, chunked otherwise); jsd is always dense. The loss is fp32 (fp64 for fp64 inputs).
     """
     checks.check_choice("estimator", estimator, ESTIMATORS)
-    checks.check_features("g", g)
-    if l.ndim != 3 or l.shape[0] != g.shape[0]:
-        raise ValueError(f"l must be [B, M, D] with g's B={g.shape[0]}; got shape {tuple(l.shape)}")
-    checks.check_features("l", l.flatten(0, 1), like=g)
-    if checks.value_checks_enabled(g, l):
-        checks.check_finite("g", g)
-        checks.check_finite("l", l)
+    checks.check_queries_and_locals("g", g, l, "DIM")
     impl = checks.resolve_impl(impl, g)
     rows, locals_per_image = l.shape[:2]
-    if world_size() * rows < 2:
-        raise ValueError("DIM needs at least two images in the global batch: the negatives are the other images' locals")
     work = torch.promote_types(g.dtype, torch.float32)
     g = g.to(work)
     keys = gather_with_grad(l.flatten(0, 1)).to(work)  # [W·B·M, D], image-major: image i owns rows i·M..i·M+M-1
