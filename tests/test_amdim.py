@@ -4,22 +4,17 @@ ranks against one process, the method's heads and tasks on a tiny ResNet, and a 
 on the embedded digits."""
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from distributed_utils import average_over_ranks, spawn
+from interpreter import INTERPRETING, run_under_interpreter
 from pipeline.losses import chunked
 from pipeline.losses.amdim import amdim_nce
 
 # timm, the configuration and the methods are imported in the tests that use them: the spawned ranks
 # import this module, and need only the loss.
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def reference(q, l, clip):
@@ -117,13 +112,7 @@ def test_bad_input_is_refused():
 @pytest.mark.skipif(INTERPRETING, reason="this process is the interpreter run")
 def test_triton_under_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    # NumPy warns about log(0) in the padding rows of partial tiles, which are never stored.
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
-               "-k", "triton_matches", __file__]
-    result = subprocess.run(command, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    run_under_interpreter(__file__, "triton_matches")
 
 
 @pytest.mark.parametrize("device", [

@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import os
-import subprocess
-import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,10 +19,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from interpreter import INTERPRETING, run_under_interpreter
 from pipeline.losses import chunked, oucl_loss
 from test_infonce import relative_error, unit_rows
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DIM = 16  # the smallest feature dim the Triton kernels take
 
@@ -115,13 +111,7 @@ DEVICES = [
 
 @pytest.mark.skipif(INTERPRETING or not HAS_TRITON, reason="this process is the interpreter run, or no triton")
 def test_triton_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    # NumPy warns about log(0) in the padding rows of partial tiles, which are never stored.
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
-               "-k", "triton_second_derivative", __file__]
-    result = subprocess.run(command, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    run_under_interpreter(__file__, "triton_second_derivative")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
