@@ -137,16 +137,17 @@ def test_triton_matches_the_definition(device):
         torch.testing.assert_close(a.double().cpu(), b, rtol=1e-4, atol=1e-5)
 
 
-# --- world size 2 -------------------------------------------------------------------------------------------
+# --- world sizes 2 and 4 (4: tests/test_four_ranks.py) ---------------------------------------------------
 
-WORLD, ROWS, LOCATIONS, DIM_IN = 2, 3, 4, 5
+ROWS, LOCATIONS, DIM_IN = 8, 4, 5  # ROWS: the global batch, split evenly over 2 or 4 ranks
 
 
 def _loss_and_grads(impl, rank, world):
     torch.manual_seed(0)
     encode = torch.nn.Linear(DIM_IN, 8).double()  # no BatchNorm: a rank's rows do not see each other
-    x = torch.randn(WORLD * ROWS, LOCATIONS, DIM_IN, dtype=torch.float64)
-    own = x[rank * ROWS : (rank + 1) * ROWS] if world > 1 else x
+    x = torch.randn(ROWS, LOCATIONS, DIM_IN, dtype=torch.float64)
+    rows = ROWS // world
+    own = x[rank * rows : (rank + 1) * rows]
     l = 3.0 * encode(own)  # [B, M, 8]: scores large enough for the clip at 2
     q = l.mean(1)  # a query from the same parameters
     nce, mean_square = amdim_nce(q, l, 2.0, impl)
@@ -166,10 +167,13 @@ def _compare_on_ranks(rank, world, expected):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=f"{impl}: gradients on rank {rank}")
 
 
+def expected_on_one_process():
+    return {impl: _loss_and_grads(impl, 0, 1) for impl in ("reference", "chunked")}
+
+
 @pytest.mark.skipif(INTERPRETING, reason="the interpreter run takes only the Triton cases")
 def test_two_ranks_equal_one_process_on_the_concatenated_batch():
-    expected = {impl: _loss_and_grads(impl, 0, 1) for impl in ("reference", "chunked")}
-    spawn(_compare_on_ranks, WORLD, expected, timeout=60)
+    spawn(_compare_on_ranks, 2, expected_on_one_process(), timeout=60)
 
 
 # --- the method ---------------------------------------------------------------------------------------------

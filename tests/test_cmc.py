@@ -146,13 +146,16 @@ def _gradients_worker(rank, world, out):
         save_file(grads, out)
 
 
-def test_gradients_at_world_size_2_equal_one_process_on_the_whole_batch(tmp_path):
-    spawn(_gradients_worker, 2, str(tmp_path / "grads.safetensors"))
-    got, expected = load_file(tmp_path / "grads.safetensors"), one_step_gradients()
+def assert_gradients_match(got, expected):
     assert got.keys() == expected.keys() and {k.split(".")[0] for k in expected} == {"l_backbone", "ab_backbone", "l_projector", "ab_projector"}
     for key in expected:
         error = (got[key] - expected[key]).norm() / expected[key].norm().clamp_min(1e-12)
         assert error <= 1e-5, f"{key}: relative error {error:.2e}"
+
+
+def test_gradients_at_world_size_2_equal_one_process_on_the_whole_batch(tmp_path):  # 4: tests/test_four_ranks.py
+    spawn(_gradients_worker, 2, str(tmp_path / "grads.safetensors"))
+    assert_gradients_match(load_file(tmp_path / "grads.safetensors"), one_step_gradients())
 
 
 # --- views ------------------------------------------------------------------------------------------------

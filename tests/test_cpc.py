@@ -142,17 +142,18 @@ def test_bad_input_is_refused():
         cpc_loss(predictions[:, :2], targets, (1, 3))
 
 
-# --- world size 2 -------------------------------------------------------------------------------------------
+# --- world sizes 2 and 4 (4: tests/test_four_ranks.py) ---------------------------------------------------
 
-WORLD, IMAGES, ROWS, COLS, DIM_IN = 2, 2, 4, 3, 5
+IMAGES, ROWS, COLS, DIM_IN = 4, 4, 3, 5  # IMAGES: the global batch, split evenly over 2 or 4 ranks
 OFFSETS = (1, 2)
 
 
 def _loss_and_grads(rank, world):
     torch.manual_seed(0)
     target_head, predict_head = torch.nn.Linear(DIM_IN, 6).double(), torch.nn.Linear(DIM_IN, 6 * len(OFFSETS)).double()
-    latents = torch.randn(WORLD * IMAGES, ROWS, COLS, DIM_IN, dtype=torch.float64)
-    own = latents[rank * IMAGES : (rank + 1) * IMAGES] if world > 1 else latents
+    latents = torch.randn(IMAGES, ROWS, COLS, DIM_IN, dtype=torch.float64)
+    images = IMAGES // world
+    own = latents[rank * images : (rank + 1) * images]
     predictions = predict_head(own.cumsum(1)).unflatten(-1, (len(OFFSETS), 6)).movedim(-2, 0)  # a causal "context"
     loss = cpc_loss(predictions, target_head(own), OFFSETS, impl="chunked")
     loss.backward()
@@ -170,7 +171,7 @@ def _compare_on_ranks(rank, world, expected):
 
 
 def test_two_ranks_equal_one_process_on_the_concatenated_batch():
-    spawn(_compare_on_ranks, WORLD, _loss_and_grads(0, 1), timeout=60)
+    spawn(_compare_on_ranks, 2, _loss_and_grads(0, 1), timeout=60)
 
 
 # --- the method ---------------------------------------------------------------------------------------------
