@@ -70,7 +70,25 @@ def oucl_log_sum_exps(
 def oucl_loss(anchors, keys, positives, reduction: str = "mean", **options) -> torch.Tensor:
     """softplus(LSE_neg + LSE_pos) per anchor, reduced ("mean", "sum" or "none"); options as above."""
     checks.check_choice("reduction", reduction, REDUCTIONS)
-    lse_neg, lse_pos = oucl_log_sum_exps(anchors, keys, positives, **options)
+    return _reduce(*oucl_log_sum_exps(anchors, keys, positives, **options), reduction)
+
+
+def oucl_score_sets(s_pos: torch.Tensor, s_neg: torch.Tensor, beta: float = 16.0, gamma: float = 0.25,
+                    weighting: bool = True, margins: bool = True, detach_weights: bool = True,
+                    reduction: str = "mean") -> torch.Tensor:
+    """OUCL of anchors that carry their own scores, already mapped to s = (x + 1)/2: positives s_pos [B, P]
+    and negatives s_neg [B, Q] per anchor (MetAug's released CMC setting: the cross-view scores against a
+    memory bank). Dense: each row holds only its own scores."""
+    checks.check_choice("reduction", reduction, REDUCTIONS)
+    if s_pos.ndim != 2 or s_neg.ndim != 2 or s_pos.shape[0] != s_neg.shape[0]:
+        raise ValueError(f"s_pos and s_neg must be [B, P] and [B, Q] for the same B anchors; got "
+                         f"{tuple(s_pos.shape)} and {tuple(s_neg.shape)}")
+    shape = _Shape(beta, gamma, weighting, margins, detach_weights)
+    lse_pos = torch.logsumexp(shape.positive_logits(s_pos), 1)
+    return _reduce(torch.logsumexp(shape.negative_logits(s_neg), 1), lse_pos, reduction)
+
+
+def _reduce(lse_neg: torch.Tensor, lse_pos: torch.Tensor, reduction: str) -> torch.Tensor:
     total = lse_neg + lse_pos
     rows = torch.logaddexp(total, torch.zeros_like(total))  # F.softplus is x above x = 20: 2e-9 off in fp64
     if reduction == "none":

@@ -37,22 +37,46 @@ from pipeline.methods.memory_bank import MemoryBank, MemoryBankConfig
 L_VIEW, AB_VIEW = 0, 1  # rows of the memory bank
 
 
-def lab_views(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sRGB [B, 3, H, W] in [0, 1] -> (L [B, 1, H, W], ab [B, 2, H, W]), each channel scaled to [-1, 1]."""
+def lab_views(rgb: torch.Tensor, whole: bool = False) -> tuple[torch.Tensor, ...]:
+    """sRGB [B, 3, H, W] in [0, 1] -> (L [B, 1, H, W], ab [B, 2, H, W]), each channel scaled to [-1, 1];
+    `whole`: the whole scaled Lab image [B, 3, H, W] as a third view (MetAug's "ori")."""
     lab = scale_lab(rgb_to_lab(rgb)).to(rgb.dtype)
-    return lab[:, :1], lab[:, 1:]
+    return (lab[:, :1], lab[:, 1:]) + ((lab,) if whole else ())
 
 
 class LabFeatures(nn.Module):
-    """Evaluation features of CMC: sRGB images -> Lab -> [L encoder's features | ab encoder's features]."""
+    """Evaluation features of CMC: sRGB images -> Lab -> [L encoder's features | ab encoder's features],
+    with `lab_encoder` (of the whole Lab image) its features third."""
 
-    def __init__(self, l_encoder: nn.Module, ab_encoder: nn.Module):
+    def __init__(self, l_encoder: nn.Module, ab_encoder: nn.Module, lab_encoder: nn.Module | None = None):
         super().__init__()
-        self.l_encoder, self.ab_encoder = l_encoder, ab_encoder
+        self.l_encoder, self.ab_encoder, self.lab_encoder = l_encoder, ab_encoder, lab_encoder
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
-        l, ab = lab_views(rgb)
-        return torch.cat([self.l_encoder(l), self.ab_encoder(ab)], dim=1)
+        encoders = [self.l_encoder, self.ab_encoder] + ([self.lab_encoder] if self.lab_encoder is not None else [])
+        views = lab_views(rgb, whole=self.lab_encoder is not None)
+        return torch.cat([encoder(v) for encoder, v in zip(encoders, views)], dim=1)
+
+
+def add_view_encoders(method: Method, cfg, channels: dict[str, int]) -> None:
+    """In place of the base class's 3-channel backbone and its projector, one encoder per colour view:
+    `{name}_backbone` (a timm backbone with `in_chans` channels) and `{name}_projector`, all backbones
+    built first (CMC's construction order, which fixes the seeded initial weights)."""
+    del method.backbone, method.projector
+    size = cfg.data.view_recipes()[0].size
+    for name, chans in channels.items():
+        setattr(method, f"{name}_backbone", create_backbone(cfg.model, size, in_chans=chans))
+    for name in channels:
+        setattr(method, f"{name}_projector", mlp_head(getattr(method, f"{name}_backbone").num_features, cfg.model.projector))
+
+
+def view_param_groups(method: Method, weight_decay: float) -> list[dict]:
+    """`Method.param_groups` for the encoders of `add_view_encoders`: timm's no-decay tokens of each."""
+    if not method.cfg.optim.no_decay_norm_bias:
+        return Method.param_groups(method, weight_decay)
+    tokens = {f"{name}_backbone.{token}" for name, backbone in method.encoders().items()
+              for token in getattr(backbone, "no_weight_decay", set)()}
+    return param_groups_weight_decay(method, weight_decay, no_weight_decay_list=tokens)
 
 
 class KeyMemory(Strict):
@@ -74,13 +98,7 @@ class CMC(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        # The base class's 3-channel backbone and its projector give way to one encoder per colour view.
-        del self.backbone, self.projector
-        size = cfg.data.view_recipes()[0].size
-        self.l_backbone = create_backbone(cfg.model, size, in_chans=1)
-        self.ab_backbone = create_backbone(cfg.model, size, in_chans=2)
-        self.l_projector = mlp_head(self.l_backbone.num_features, cfg.model.projector)
-        self.ab_projector = mlp_head(self.ab_backbone.num_features, cfg.model.projector)
+        add_view_encoders(self, cfg, {"l": 1, "ab": 2})
         self.temperature = cfg.method.temperature
         memory = cfg.method.memory
         if memory is not None:
@@ -103,11 +121,7 @@ class CMC(Method):
                              f"{batch * world_size} keys (data.batch_size={batch} x {world_size} ranks)")
 
     def param_groups(self, weight_decay):
-        if not self.cfg.optim.no_decay_norm_bias:
-            return super().param_groups(weight_decay)
-        tokens = {f"{prefix}.{name}" for prefix in ("l_backbone", "ab_backbone")
-                  for name in getattr(getattr(self, prefix), "no_weight_decay", set)()}
-        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=tokens)
+        return view_param_groups(self, weight_decay)
 
     def encoders(self):
         return {"l": self.l_backbone, "ab": self.ab_backbone}

@@ -87,6 +87,17 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=1)
 
 
+def margin_penalty(hardest_pos, hardest_neg, s_gen, gen_pos, gen_neg, positive_weight: float) -> torch.Tensor:
+    """R from each anchor's hardest original positive and negative [A, 1] and its generated scores s_gen
+    [A, M], of which `gen_pos` are positives and `gen_neg` negatives (bool masks broadcastable to s_gen):
+    positive_weight · mean([ŝ⁺ − m⁺]₊) + mean([m⁻ − ŝ⁻]₊), m⁺ = min(hardest pair), m⁻ = max(hardest pair)."""
+    m_pos, m_neg = torch.minimum(hardest_pos, hardest_neg), torch.maximum(hardest_pos, hardest_neg)
+    gen_pos, gen_neg = gen_pos.expand_as(s_gen), gen_neg.expand_as(s_gen)
+    easy_pos = torch.where(gen_pos, (s_gen - m_pos).clamp_min(0), 0.0).sum() / gen_pos.sum()
+    easy_neg = torch.where(gen_neg, (m_neg - s_gen).clamp_min(0), 0.0).sum() / gen_neg.sum()
+    return positive_weight * easy_pos + easy_neg
+
+
 class OUCLSettings(Strict):
     """OUCL (MetAug's loss). weighted=False and margins=False reproduce the released code."""
 
@@ -196,9 +207,13 @@ class MetAug(Method):
         """(h, [z1, z2]) of the batched views x at the current weights. When they will be differentiated
         `twice` under scope=encoder, attention runs on the math kernel, the only one whose backward is
         differentiable again."""
-        with sdpa_kernel(SDPBackend.MATH) if twice and self.scope == "encoder" else nullcontext():
+        with self.attention_kernels(twice):
             h = call_with(self.backbone, {}, x, update_buffers=update_buffers)
         return h, self.project(call_with(self.projector, {}, h, update_buffers=update_buffers))
+
+    def attention_kernels(self, twice: bool):
+        """For a backbone pass differentiated `twice` under scope=encoder: the math attention kernel."""
+        return sdpa_kernel(SDPBackend.MATH) if twice and self.scope == "encoder" else nullcontext()
 
     @staticmethod
     def project(p: torch.Tensor) -> list[torch.Tensor]:
@@ -230,6 +245,11 @@ class MetAug(Method):
         positives = (others[:, None, :] * n + own[None, :, None]).reshape(count * rows, count - 1)
         return oucl_loss(torch.cat(sets), keys, positives, mask_self=selves, impl=impl or self.impl, **self.oucl)
 
+    def contrast_originals(self, z: list[torch.Tensor], impl: str | None = None) -> torch.Tensor:
+        """`contrast` of the original features, once per pass (θ, θ₁, θ'): where a subclass keeps a memory
+        of the originals (metaug_cmc's bank), it is updated here."""
+        return self.contrast(z, impl)
+
     def generated_sets(self, z: list[torch.Tensor], generated: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """The feature sets of the OUCL terms with generated features. released: each view replaced by its
         generated features alone, then all views (2 views: 3 terms; the released code's 3 CMC views: 4);
@@ -243,7 +263,7 @@ class MetAug(Method):
         released form always (encoder loss, inner loss and meta objective alike), in meta_first only
         `with_reg` (the meta objective). scale = 16/β released, 1 otherwise."""
         impl = impl or self.impl
-        l_orig = self.contrast(z, impl) if l_orig is None else l_orig
+        l_orig = self.contrast_originals(z, impl) if l_orig is None else l_orig
         l_aug = sum(self.contrast(sets, impl) for sets in self.generated_sets(z, generated))
         loss = self.oucl_scale * (l_orig + self.delta * l_aug)
         parts = {"oucl": l_orig, "oucl_generated": l_aug}
@@ -272,10 +292,7 @@ class MetAug(Method):
         positive[torch.arange(count * rows, device=anchors.device), selves] = False
         hardest_pos = s.masked_fill(~positive, float("inf")).amin(1, keepdim=True)
         hardest_neg = s.masked_fill(same, float("-inf")).amax(1, keepdim=True)
-        m_pos, m_neg = torch.minimum(hardest_pos, hardest_neg), torch.maximum(hardest_pos, hardest_neg)
-        easy_pos = torch.where(same, (s_gen - m_pos).clamp_min(0), 0.0).sum() / same.sum()
-        easy_neg = torch.where(same, 0.0, (m_neg - s_gen).clamp_min(0)).sum() / (~same).sum()
-        return self.positive_weight * easy_pos + easy_neg
+        return margin_penalty(hardest_pos, hardest_neg, s_gen, same, ~same, self.positive_weight)
 
     # --- the meta step ------------------------------------------------------------------------------------
 
@@ -301,11 +318,16 @@ class MetAug(Method):
             fast[m][n] = p - self.inner_lr * g
         return fast
 
-    def meta_objective_at(self, fast: dict[str, Params], x, h, gen_params: list[Params]):
-        """M = `objective` with R at the fast weights; (M, its parts, features z', generated g')."""
+    def embed_at(self, fast: dict[str, Params], x, h) -> list[torch.Tensor]:
+        """The features z' at the fast weights: the backbone reruns on x when it is in the scope, else its
+        output h is reused."""
         if "backbone" in fast:
             h = call_with(self.backbone, fast["backbone"], x)
-        z = self.project(call_with(self.projector, fast["projector"], h))
+        return self.project(call_with(self.projector, fast["projector"], h))
+
+    def meta_objective_at(self, fast: dict[str, Params], x, h, gen_params: list[Params]):
+        """M = `objective` with R at the fast weights; (M, its parts, features z', generated g')."""
+        z = self.embed_at(fast, x, h)
         g = self.generate(z, gen_params)
         objective, terms = self.objective(z, g, with_reg=True)
         parts = {"meta/objective": objective, "meta/oucl_fast": terms["oucl"],
@@ -361,7 +383,7 @@ class MetAug(Method):
             logged = self.meta_parts.pop(0) if self.meta_parts else {}
             l_orig = None
         else:
-            l_orig = self.contrast(z, self.impl_twice)  # shared by (a) and (b)
+            l_orig = self.contrast_originals(z, self.impl_twice)  # shared by (a) and (b)
             logged = self.meta_step(x, h, z, l_orig)  # (a) generators only
         generated = self.generate(z)  # the current generators, weights detached: gradient reaches z only
         loss, parts = self.objective(z, generated, l_orig)
@@ -380,5 +402,5 @@ class MetAug(Method):
         for x in pending:
             with torch.enable_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
                 h, z = self.features_of(x, update_buffers=False)
-                self.meta_parts.append(self.meta_step(x, h, z, self.contrast(z, self.impl_twice)))
+                self.meta_parts.append(self.meta_step(x, h, z, self.contrast_originals(z, self.impl_twice)))
         return {}
