@@ -62,11 +62,14 @@ class MetAugCMC(MetAug):
     Config = MetAugCMCConfig
     views = Views(global_views=1, raw_rgb=True, indices=True)
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, generators=None):
+        """generators: one module per view (default: the released MLPs)."""
         m = cfg.method
         names = tuple(VIEW_CHANNELS) if m.ori else ("l", "ab")
         dim = cfg.model.projector.out_dim
-        super().__init__(cfg, generators=feature_generators(len(names), dim, m.metaug.generator_hidden))
+        if generators is None:
+            generators = feature_generators(len(names), dim, m.metaug.generator_hidden)
+        super().__init__(cfg, generators)
         add_view_encoders(self, cfg, {n: VIEW_CHANNELS[n] for n in names})
         self.view_names = names
         self.bank = MemoryBank(m.memory_bank, len(names), dim, cfg.train.seed)
