@@ -39,3 +39,19 @@ def scale_lab(lab: torch.Tensor) -> torch.Tensor:
     """Each Lab channel mapped linearly from its range in `LAB_RANGES` to [-1, 1]."""
     low, high = (torch.tensor(r, dtype=lab.dtype, device=lab.device)[:, None, None] for r in zip(*LAB_RANGES))
     return (2.0 * lab - (high + low)) / (high - low)
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """CIE Lab [B, 3, H, W] -> sRGB in [0, 1], the inverse of `rgb_to_lab` as `skimage.color.lab2rgb`
+    computes it (negative Z set to 0, colours outside the sRGB gamut clipped): for showing Lab views."""
+    x = lab.to(torch.promote_types(lab.dtype, torch.float32))
+    L, a, b = x.unbind(1)
+    fy = (L + 16.0) / 116.0
+    f = torch.stack([fy + a / 500.0, fy, (fy - b / 200.0).clamp_min(0.0)], dim=1)
+    t = torch.where(f > 6.0 / 29.0, f**3, (f - 16.0 / 116.0) / _KAPPA)
+    matrix = torch.linalg.inv(torch.tensor(XYZ_FROM_LINEAR_RGB, dtype=torch.float64)).to(x.device, x.dtype)
+    white = torch.tensor(D65_WHITE, dtype=x.dtype, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        linear = torch.einsum("ij,bjhw->bihw", matrix * white, t)
+    rgb = torch.where(linear > 0.0031308, 1.055 * linear.clamp_min(0.0031308) ** (1.0 / 2.4) - 0.055, 12.92 * linear)
+    return rgb.clamp(0.0, 1.0)

@@ -174,9 +174,11 @@ class Logger:
         self.writer.add_text("run/git_revision", rev.stdout.strip() or "not a git checkout", 0)
         self.writer.add_text("run/config", "    " + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).replace("\n", "\n    "), 0)
 
-    def views(self, views: list[torch.Tensor], recipes) -> None:
+    def views(self, method, views: list[torch.Tensor]) -> None:
+        """The first batch's views as the method shows them (`preview`), 8 images."""
         if self.active:
-            grid = view_grid(views, recipes, min(8, views[0].shape[0]))
+            with torch.no_grad():
+                grid = view_grid(method.preview(method.cfg, [v[:8] for v in views]), 8)
             self.writer.add_image("views", np.asarray(grid), 0, dataformats="HWC")
 
     def advance(self) -> None:
@@ -379,7 +381,7 @@ class Run:
             views = [v.to(self.device, non_blocking=True) for v in batch.views]
             indices = batch.indices.to(self.device, non_blocking=True) if self.method.views.indices else None
             if self.meter.first:
-                self.log.views(views, cfg.data.view_recipes())
+                self.log.views(self.method, views)
             if not self.micro_step(views, indices):
                 continue
             self.step += 1

@@ -5,13 +5,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import encode, image_folder, make_shards
 from data_shards.shards import read_manifest
 from pipeline.config import Blur, ColorJitter, DataConfig, ViewPreset, ViewRecipe
 from pipeline.data.loader import ShardLoader, parse_decimal
-from pipeline.data.preview import main as preview_main
 
 HALF = (0.5, 0.5, 0.5)
 
@@ -261,22 +259,6 @@ def test_evaluation_reader_resizes_and_centre_crops(patterns):
     pixels = to_pixels(batch.views[0])[batch.labels == 0]
     # the centre 16x16 of a 32x32 image with the dark/bright edge at x=16
     assert pixels[:, 1, :, :7].max() < 2 and pixels[:, 1, :, 9:].min() > 218
-
-
-def test_preview_writes_a_grid(small_shards, tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("data:\n  views: {preset: multicrop, size: 24, local_size: 12, local_views: 2}\n")
-    out = tmp_path / "views.png"
-    assert preview_main(["--config", str(recipe), "--data", str(small_shards), "--out", str(out), "--images", "3"]) == 0
-    with Image.open(out) as im:
-        assert im.size == (4 * 26 + 2, 3 * 26 + 2)
-
-
-def test_preview_names_a_wrong_key(small_shards, tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("data:\n  views: {preset: simclr, sise: 24}\n")
-    with pytest.raises(SystemExit, match="data.views.ViewPreset.sise"):
-        preview_main(["--config", str(recipe), "--data", str(small_shards)])
 
 
 @pytest.mark.gpu

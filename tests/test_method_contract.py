@@ -80,6 +80,8 @@ def test_the_loop_and_the_configuration_name_no_method():
     config = config[:config.index("def simclr_views")] + config[config.index("class dataconfig"):]
     config = config.replace('viewpreset(preset="simclr")', "")
     assert not [n for n in names if re.search(rf"\b{n}\b", config)]
+    for preview in (ROOT / "launch" / "preview.py", ROOT / "pipeline" / "data" / "preview.py"):  # each method shows its views
+        assert not [n for n in names if re.search(rf"\b{n}\b", preview.read_text().lower())], preview
 
 
 # --- multi-crop --------------------------------------------------------------------------------------------

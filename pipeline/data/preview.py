@@ -1,71 +1,87 @@
-"""python -m pipeline.data.preview --config RECIPE.yaml --data SHARDS --out views.png
-
-Writes a grid of augmented views (one row per image, one column per view) so a recipe can be seen
-before training on it. Reads the recipe's `data` section; smaller views are centred in their cell.
+"""The view grid: a batch's views as its method shows them (`Method.preview`: a caption and images in
+[0, 1] per column), one row per image, each column captioned above. Small views are enlarged by nearest
+neighbour with one integer factor for the whole grid, so that views keep their relative sizes (a local crop
+stays smaller than its global view) and the smallest column is at least MIN_SIDE px (a 32-px view shows at
+96 px); smaller images are centred in their cell. `python launch/preview.py` writes it, and the loop logs
+it to TensorBoard at its first step.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
-from pydantic import ValidationError
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.config import ConfigError, DataConfig, ViewRecipe, format_validation_error, read_recipe
-from pipeline.data.loader import ShardLoader
+from pipeline.config import ViewRecipe
 
-PAD = 2
-
-
-def to_uint8(view: torch.Tensor, recipe: ViewRecipe) -> np.ndarray:
-    """CHW normalised view -> HWC uint8."""
-    mean = torch.tensor(recipe.mean).view(3, 1, 1)
-    std = torch.tensor(recipe.std).view(3, 1, 1)
-    pixels = (view.float().cpu() * std + mean).clamp(0, 1) * 255
-    return pixels.round().byte().permute(1, 2, 0).numpy()
+PAD, MIN_SIDE = 2, 96
+Column = tuple[str, torch.Tensor]  # a caption and images [B, 1 or 3, H, W] in [0, 1]
 
 
-def view_grid(views: list[torch.Tensor], recipes: list[ViewRecipe], rows: int) -> Image.Image:
-    cell = max(r.size for r in recipes) + PAD
-    grid = Image.new("RGB", (cell * len(views) + PAD, cell * rows + PAD), (255, 255, 255))
-    for col, (batch, recipe) in enumerate(zip(views, recipes)):
-        offset = (cell - recipe.size - PAD) // 2 + PAD
-        for row in range(min(rows, batch.shape[0])):
-            grid.paste(Image.fromarray(to_uint8(batch[row], recipe)), (col * cell + offset, row * cell + offset))
+def unnormalise(view: torch.Tensor, recipe: ViewRecipe) -> torch.Tensor:
+    """A normalised view [B, 3, H, W] -> its pixels in [0, 1] (fp32)."""
+    mean = torch.tensor(recipe.mean, device=view.device).view(3, 1, 1)
+    std = torch.tensor(recipe.std, device=view.device).view(3, 1, 1)
+    return (view.float() * std + mean).clamp(0, 1)
+
+
+def tile(patches: torch.Tensor, gap: int = 1) -> torch.Tensor:
+    """Patches [B, H, W, C, p, p] -> one image per sample [B, C, H·p + (H−1)·gap, W·p + (W−1)·gap], the
+    patches `gap` white pixels apart."""
+    b, h, w, c, p, _ = patches.shape
+    padded = F.pad(patches.float(), (0, gap, 0, gap), value=1.0)  # a white gap right of and below each patch
+    image = padded.permute(0, 3, 1, 4, 2, 5).reshape(b, c, h * (p + gap), w * (p + gap))
+    return image[..., : h * (p + gap) - gap, : w * (p + gap) - gap]
+
+
+@dataclass(frozen=True)
+class Layout:
+    scale: int  # the enlargement of every image
+    widths: tuple[int, ...]  # each column's width in px, its caption's included, PAD on its left
+    caption_height: int
+    row_height: int  # PAD above each row of images
+
+    def left(self, column: int) -> int:
+        return sum(self.widths[:column])
+
+
+def layout(columns: list[Column], font: ImageFont.ImageFont) -> Layout:
+    smallest = min(max(images.shape[-2:]) for _, images in columns)
+    scale = max(1, math.ceil(MIN_SIDE / smallest))
+    widths = tuple(max(images.shape[-1] * scale, math.ceil(font.getlength(caption))) + PAD for caption, images in columns)
+    caption_height = font.getbbox("Ag(")[3] + 2 * PAD
+    row_height = max(images.shape[-2] for _, images in columns) * scale + PAD
+    return Layout(scale, widths, caption_height, row_height)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 1 or 3, H, W] in [0, 1] -> [B, H, W, 3] uint8 (one channel is grey)."""
+    pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().byte()
+    return pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+
+
+def view_grid(columns: list[Column], rows: int) -> Image.Image:
+    """The captioned grid of `columns` (each a caption and images [B, 1 or 3, H, W] in [0, 1]), `rows` images."""
+    if not columns:
+        raise ValueError("the preview has no columns to show")
+    for caption, images in columns:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"preview column {caption!r}: images must be [B, 1 or 3, H, W], got {list(images.shape)}")
+    font = ImageFont.load_default()
+    at = layout(columns, font)
+    rows = min(rows, *(images.shape[0] for _, images in columns))
+    grid = Image.new("RGB", (sum(at.widths) + PAD, at.caption_height + rows * at.row_height + PAD), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for col, (caption, images) in enumerate(columns):
+        left, width = at.left(col) + PAD, at.widths[col] - PAD
+        draw.text((left + (width - font.getlength(caption)) / 2, PAD), caption, fill=(0, 0, 0), font=font)
+        h, w = images.shape[-2] * at.scale, images.shape[-1] * at.scale
+        for row, pixels in enumerate(to_uint8(images[:rows])):
+            image = Image.fromarray(pixels).resize((w, h), Image.Resampling.NEAREST)
+            top = at.caption_height + row * at.row_height + PAD
+            grid.paste(image, (left + (width - w) // 2, top + (at.row_height - PAD - h) // 2))
     return grid
-
-
-def load_data_config(path: str | Path | None) -> DataConfig:
-    if path is None:
-        return DataConfig()
-    try:
-        raw = read_recipe(path)
-        return DataConfig.model_validate(raw.get("data", {}))
-    except ConfigError as e:
-        raise SystemExit(str(e)) from None
-    except ValidationError as e:
-        raise SystemExit(f"{path}: {format_validation_error(e, prefix='data')}") from None
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.data.preview", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML recipe (its `data` section is used); default: the SimCLR preset")
-    p.add_argument("--data", required=True, help="shard folder")
-    p.add_argument("--out", default="views.png")
-    p.add_argument("--images", type=int, default=8, help="rows of the grid")
-    args = p.parse_args(argv)
-    cfg = load_data_config(args.config)
-    loader = ShardLoader(args.data, cfg, batch_size=args.images)
-    batch = next(iter(loader))
-    recipes = cfg.view_recipes()
-    view_grid(batch.views, recipes, args.images).save(args.out)
-    print(f"{args.out}: {args.images} images x {len(recipes)} views")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,8 @@ export use only these declarations and know no method by name:
 - `encoders()`: the named backbones to export, and `features()`: what kNN and linear evaluation use;
 - hooks `set_data_size` (the training set's size, before the engine or a checkpoint sees the module),
   `start_epoch`, `before_step`, `after_step`; `forward(views)` (`forward(views, indices=...)` when
-  `views.indices`) returns (loss, parts to log).
+  `views.indices`) returns (loss, parts to log);
+- `preview(cfg, views)`: how the view preview shows its views (captioned columns of images).
 
 Every method also gets the online backbone and projector built from `model:`.
 """
@@ -28,6 +29,7 @@ from timm.optim import param_groups_weight_decay
 from models.backbones import create_backbone, is_vit
 from models.heads import mlp_head
 from pipeline.config import Config, MethodConfig
+from pipeline.data.preview import Column, unnormalise
 from pipeline.methods.feature_aug import FeatureAugConfig, KeyContrast
 
 
@@ -85,6 +87,15 @@ class Method(nn.Module):
             raise ValueError(f"method.name={cfg.method.name} cannot run under engine.zero_stage=3 (use 0-2)")
         if cfg.engine.zero_stage == 3 and cfg.model.compile:
             raise ValueError("model.compile cannot run under engine.zero_stage=3: its parameter gathering breaks the graphs")
+
+    @classmethod
+    def preview(cls, cfg: Config, views: list[torch.Tensor]) -> list[Column]:
+        """What the view preview (launch/preview.py, TensorBoard's first step) shows of a batch's views, as
+        a caption and images [B, 1 or 3, H, W] in [0, 1] per column: by default each view with its
+        normalisation undone. A method that changes its views on the device adds what its encoders see."""
+        n = cls.views.global_views
+        return [(f"view {i + 1} ({'global' if i < n else 'local'} {r.size}px)", unnormalise(v, r))
+                for i, (v, r) in enumerate(zip(views, cfg.data.view_recipes()))]
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """What the engine's optimizer trains: every parameter that requires a gradient, in timm's groups

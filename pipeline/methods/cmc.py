@@ -24,10 +24,11 @@ from pydantic import Field
 from timm.optim import param_groups_weight_decay
 
 from models.backbones import create_backbone
-from models.colour import rgb_to_lab, scale_lab
+from models.colour import lab_to_rgb, rgb_to_lab, scale_lab
 from models.heads import mlp_head
 from models.momentum import MomentumEncoder
 from pipeline.config import MethodConfig, Strict
+from pipeline.data.preview import Column
 from pipeline.distributed import FeatureQueue, gather
 from pipeline.losses import gathered_info_nce, info_nce
 from pipeline.methods import register_method
@@ -91,6 +92,13 @@ class CMCConfig(MethodConfig):
     memory_bank: MemoryBankConfig | None = None  # CMC's memory indexed by sample
 
 
+def lab_columns(rgb: torch.Tensor) -> list[Column]:
+    """Preview columns of CMC's colour views of sRGB images: L as grey, and ab shown at a constant
+    lightness (L = 50), the two encoders' inputs before their scaling to [-1, 1]."""
+    lab = rgb_to_lab(rgb)
+    return [("L", lab[:, :1] / 100.0), ("ab", lab_to_rgb(torch.cat([torch.full_like(lab[:, :1], 50.0), lab[:, 1:]], 1)))]
+
+
 @register_method("cmc")
 class CMC(Method):
     Config = CMCConfig
@@ -125,6 +133,10 @@ class CMC(Method):
 
     def encoders(self):
         return {"l": self.l_backbone, "ab": self.ab_backbone}
+
+    @classmethod
+    def preview(cls, cfg, views):
+        return super().preview(cfg, views) + lab_columns(views[0])
 
     def features(self):
         return LabFeatures(self.l_backbone, self.ab_backbone)

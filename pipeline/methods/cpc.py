@@ -25,6 +25,7 @@ from models.backbones import create_backbone
 from models.causal_context import CausalContext
 from models.patch_grid import PatchFeatures, augment_patches, cut_patches, grid_side
 from pipeline.config import MethodConfig
+from pipeline.data.preview import tile, unnormalise
 from pipeline.distributed import rank
 from pipeline.losses.cpc import cpc_loss
 from pipeline.methods import register_method
@@ -88,6 +89,17 @@ class CPC(Method):
         if m.offsets[-1] >= rows["data.views[0].size"]:
             grid = rows["data.views[0].size"]
             raise ValueError(f"method.offsets={list(m.offsets)}: the view's grid has {grid} rows, so an offset is {grid - 1} at most")
+
+    @classmethod
+    def preview(cls, cfg, views):
+        """The view, then its patch grid as the patch encoder sees it: each patch augmented on its own
+        (colour dropping, flips; a dropped channel shows its normalisation mean), 1 px apart."""
+        m, (x,) = cfg.method, views
+        patches = cut_patches(x, m.patch_size, m.patch_stride)  # [B, H, W, C, p, p]
+        generator = torch.Generator(x.device).manual_seed(cfg.train.seed)
+        augmented = augment_patches(patches.flatten(0, 2), generator, m.colour_drop, m.flip)
+        shown = unnormalise(augmented, cfg.data.view_recipes()[0]).unflatten(0, patches.shape[:3])
+        return super().preview(cfg, views) + [(f"patches {patches.shape[1]}x{patches.shape[2]}", tile(shown))]
 
     def features(self) -> nn.Module:
         return PatchFeatures(self.backbone, self.cfg.method.patch_size, self.cfg.method.patch_stride)

@@ -33,7 +33,7 @@ from models.generators import feature_generators
 from pipeline.losses import oucl_score_sets
 from pipeline.methods import register_method
 from pipeline.methods.base import Views
-from pipeline.methods.cmc import LabFeatures, add_view_encoders, lab_views, view_param_groups
+from pipeline.methods.cmc import LabFeatures, add_view_encoders, lab_columns, lab_views, view_param_groups
 from pipeline.methods.memory_bank import MemoryBank, MemoryBankConfig
 from pipeline.methods.metaug import MetAug, MetAugConfig, Params, call_with, margin_penalty, unit
 
@@ -90,6 +90,10 @@ class MetAugCMC(MetAug):
 
     def features(self):
         return LabFeatures(*self.encoders().values())
+
+    @classmethod
+    def preview(cls, cfg, views):
+        return super().preview(cfg, views) + lab_columns(views[0])  # "ori", the whole Lab image, is the view
 
     def param_groups(self, weight_decay):
         return view_param_groups(self, weight_decay)  # the generators (requires_grad=False) are left out
