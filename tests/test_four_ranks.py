@@ -2,6 +2,7 @@
 global batch's keys, and its memory bank), value and gradients, with each test file's own world-size-2
 helpers. One spawn checks them all, so the 4 ranks pay their imports once (~9 s each on 2 cores)."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -27,6 +28,7 @@ def _compare_all(rank, world, expected):
     assert all(torch.equal(bank, banks[0]) for bank in banks), "the ranks' memory banks differ"
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: 4 ranks importing timm and the methods
 def test_four_ranks_equal_one_process_on_the_concatenated_batch():
     expected = {"dim": test_dim.expected_on_one_process(), "amdim": test_amdim.expected_on_one_process(),
                 "cpc": test_cpc._loss_and_grads(0, 1), "cmc": test_cmc.one_step_gradients(),
