@@ -30,7 +30,6 @@ from pydantic import Field
 
 from pipeline.config import Strict
 from pipeline.distributed import gather, rank, world_size
-from pipeline.losses.row_lse import pair_dots
 
 
 class MemoryBankConfig(Strict):
@@ -69,9 +68,12 @@ class MemoryBank(nn.Module):
 
     def scores(self, q: torch.Tensor, view: int, indices: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
         """[B, 1 + K] dot products of queries q [B, D] with `view`'s rows: first row indices[i] (the
-        positive), then rows negatives[i] [B, K]; fp32 under autocast too (fp64 for fp64 inputs)."""
+        positive), then rows negatives[i] [B, K]; fp32 under autocast too (fp64 for fp64 inputs). Queries
+        [B, Q, D] (several per sample against the same rows, gathered once) give [B, Q, 1 + K]."""
+        work = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(q.device.type, enabled=False):
-            return pair_dots(q, self.rows[view], torch.cat([indices[:, None], negatives], 1))
+            rows = self.rows[view][torch.cat([indices[:, None], negatives], 1)].to(work)  # [B, 1 + K, D]
+            return torch.einsum("b...d,bkd->b...k", q.to(work), rows)
 
     def loss(self, q: torch.Tensor, view: int, indices: torch.Tensor, negatives: torch.Tensor,
              temperature: float) -> torch.Tensor:

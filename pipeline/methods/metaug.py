@@ -182,13 +182,13 @@ class MetAug(Method):
     def check(cls, cfg, world_size) -> None:
         super().check(cfg, world_size)
         if cfg.model.compile:
-            raise ValueError("method.name=metaug cannot run with model.compile=true: its meta step differentiates "
+            raise ValueError(f"method.name={cfg.method.name} cannot run with model.compile=true: its meta step differentiates "
                              "twice (autograd.grad with create_graph), which compiled graphs do not support")
         if cfg.method.batch_norm == "sync":
-            raise ValueError("method.name=metaug cannot run with method.batch_norm=sync: SyncBatchNorm's backward "
+            raise ValueError(f"method.name={cfg.method.name} cannot run with method.batch_norm=sync: SyncBatchNorm's backward "
                              "cannot be differentiated again (the meta step needs it); use local or shuffle")
         if cfg.engine.precision == "fp16":
-            raise ValueError("method.name=metaug cannot run with engine.precision=fp16: the meta step's gradients "
+            raise ValueError(f"method.name={cfg.method.name} cannot run with engine.precision=fp16: the meta step's gradients "
                              "are not loss-scaled and its delta-sized second-order terms underflow in fp16; use bf16")
         if cfg.method.metaug.scope == "encoder" and cfg.model.grad_checkpointing:
             raise ValueError("method.metaug.scope=encoder cannot run with model.grad_checkpointing=true: the "

@@ -139,22 +139,24 @@ class MetAugCMC(MetAug):
 
     # --- the bank's score sets ------------------------------------------------------------------------
 
-    def bank_scores(self, sets: list[torch.Tensor], negatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s_pos [B, V(V−1)], s_neg [B, V(V−1)·K]), s = (x + 1)/2: the queries of set v against view w's
-        rows for every ordered pair v != w, the positive row that of the query's own sample."""
-        pos, neg = [], []
-        for v, q in enumerate(sets):
-            for w in range(len(sets)):
-                if w != v:
-                    s = (self.bank.scores(q, w, self.indices, negatives) + 1) * 0.5
-                    pos.append(s[:, :1])
-                    neg.append(s[:, 1:])
-        return torch.cat(pos, 1), torch.cat(neg, 1)
+    def bank_scores(self, groups: list[list[torch.Tensor]], negatives: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each group of per-view feature sets: (s_pos [B, V(V−1)], s_neg [B, V(V−1)·K]), s = (x + 1)/2,
+        the queries of set v against view w's rows for every ordered pair v != w, the positive row that of
+        the query's own sample; each view's rows are gathered once for every group's queries."""
+        count, scored = len(self.view_names), [([], []) for _ in groups]
+        for w in range(count):
+            queries = torch.stack([sets[v] for sets in groups for v in range(count) if v != w], 1)
+            s = ((self.bank.scores(queries, w, self.indices, negatives) + 1) * 0.5).unflatten(1, (len(groups), count - 1))
+            for g, (pos, neg) in enumerate(scored):
+                pos.append(s[:, g, :, 0])
+                neg.append(s[:, g, :, 1:].flatten(1))
+        return [(torch.cat(pos, 1), torch.cat(neg, 1)) for pos, neg in scored]
 
     def contrast(self, sets: list[torch.Tensor], impl: str | None = None) -> torch.Tensor:
         """OUCL per image over its cross-view scores against a fresh draw of the bank (no update)."""
         negatives = self.bank.sample(sets[0].shape[0], sets[0].device)
-        return oucl_score_sets(*self.bank_scores(sets, negatives), **self.oucl)
+        (scores,) = self.bank_scores([sets], negatives)
+        return oucl_score_sets(*scores, **self.oucl)
 
     def contrast_originals(self, z: list[torch.Tensor], impl: str | None = None) -> torch.Tensor:
         """Then every view's rows of the (gathered) batch move towards these features."""
@@ -166,8 +168,7 @@ class MetAugCMC(MetAug):
         """R per image: its originals' hardest positive and negative score over every pair, against the
         generated queries' scores (the same draw), the positive term scaled by `positive_weight`."""
         negatives = self.bank.sample(originals[0].shape[0], originals[0].device)
-        s_pos, s_neg = self.bank_scores(originals, negatives)
-        g_pos, g_neg = self.bank_scores(generated, negatives)
+        (s_pos, s_neg), (g_pos, g_neg) = self.bank_scores([originals, generated], negatives)
         positive = torch.arange(g_pos.shape[1] + g_neg.shape[1], device=g_pos.device)[None] < g_pos.shape[1]
         return margin_penalty(s_pos.amin(1, keepdim=True), s_neg.amax(1, keepdim=True), torch.cat([g_pos, g_neg], 1),
                               positive, ~positive, self.positive_weight)
