@@ -29,7 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.plain_simclr import AUTOCAST, DEVICE, DEVICE_ID, knn_top1, learning_rate  # noqa: E402
+from benchmarks.plain_simclr import AUTOCAST, DEVICE, DEVICE_ID, knn_top1, scheduled_batches  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.data.loader import ShardLoader  # noqa: E402
 
@@ -108,36 +108,25 @@ def train_plain(cfg: Config, model: nn.ModuleDict, max_steps: int | None = None,
     optimizer = LARS([{"params": [p for p in trained if p.ndim > 1], "weight_decay": o.weight_decay},
                       {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0}],
                      lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay, eta=o.lars_trust, clip=o.lars_clip)
-    steps_per_epoch = len(loader)
-    total = cfg.train.epochs * steps_per_epoch
-    warmup = min(int(o.warmup_epochs * steps_per_epoch), total - 1)
-    last = min(total, max_steps or total)
     dtype, tau = AUTOCAST.get(cfg.engine.precision), cfg.method.temperature
-    losses, step = [], 0
-    while step < last:
-        model.train()
-        for batch in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step + 1, total, warmup)
-            x1, x2 = (v.to(DEVICE) for v in batch.views)
-            with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype is not None):
-                q1, q2 = predictor(online(x1)), predictor(online(x2))
-                with torch.no_grad():
-                    k1, k2 = momentum_encoder(x1), momentum_encoder(x2)
-                loss = contrastive(q1, k2, tau) + contrastive(q2, k1, tau)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            m = 1 - (1 - cfg.method.momentum) * (math.cos(math.pi * step / total) + 1) / 2
-            if cfg.method.momentum_schedule == "constant":
-                m = cfg.method.momentum
+    losses = []
+    for step, total, batch in scheduled_batches(cfg, loader, model, optimizer, max_steps):
+        x1, x2 = (v.to(DEVICE) for v in batch.views)
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype is not None):
+            q1, q2 = predictor(online(x1)), predictor(online(x2))
             with torch.no_grad():
-                for pk, po in zip(momentum_encoder.parameters(), online.parameters()):
-                    pk.mul_(m).add_(po, alpha=1 - m)
-            losses.append(loss.item())  # a host sync per step: fine for a reference
-            if step == last:
-                break
+                k1, k2 = momentum_encoder(x1), momentum_encoder(x2)
+            loss = contrastive(q1, k2, tau) + contrastive(q2, k1, tau)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        m = 1 - (1 - cfg.method.momentum) * (math.cos(math.pi * step / total) + 1) / 2
+        if cfg.method.momentum_schedule == "constant":
+            m = cfg.method.momentum
+        with torch.no_grad():
+            for pk, po in zip(momentum_encoder.parameters(), online.parameters()):
+                pk.mul_(m).add_(po, alpha=1 - m)
+        losses.append(loss.item())  # a host sync per step: fine for a reference
     return {"losses": losses, "knn": knn_top1(online[0], cfg) if evaluate else None}
 
 

@@ -60,6 +60,24 @@ def learning_rate(cfg: Config, step: int, total: int, warmup: int) -> float:
     return o.min_lr + 0.5 * (peak - o.min_lr) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
+def scheduled_batches(cfg: Config, loader, model: nn.Module, optimizer, max_steps: int | None = None):
+    """The loader's batches epoch after epoch, `model` in train mode, every group's LR set for the step:
+    yields (step, total steps, batch), step 1-based, until `max_steps` or the end of training."""
+    steps_per_epoch = len(loader)
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = min(int(cfg.optim.warmup_epochs * steps_per_epoch), total - 1)
+    last, step = min(total, max_steps or total), 0
+    while True:
+        model.train()
+        for batch in loader:
+            step += 1
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step, total, warmup)
+            yield step, total, batch
+            if step == last:
+                return
+
+
 def knn_top1(backbone: nn.Module, cfg: Config) -> float:
     feats = [extract_features(backbone, ShardLoader(folder, cfg.data, train=False, device_id=DEVICE_ID), DEVICE)
              for folder in (cfg.train.data, cfg.train.val_data)]
@@ -73,29 +91,18 @@ def train_plain(cfg: Config, model: nn.Sequential, max_steps: int | None = None,
         raise ValueError("the plain reference is SimCLR with AdamW and no gradient accumulation")
     loader = ShardLoader(cfg.train.data, cfg.data, device_id=DEVICE_ID)
     model = model.to(DEVICE)
-    steps_per_epoch = len(loader)
-    total = cfg.train.epochs * steps_per_epoch
-    warmup = min(int(cfg.optim.warmup_epochs * steps_per_epoch), total - 1)
-    last = min(total, max_steps or total)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=0.0, betas=cfg.optim.betas)
     dtype = AUTOCAST.get(cfg.engine.precision)
-    losses, step = [], 0
-    while step < last:
-        model.train()
-        for batch in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step + 1, total, warmup)
-            views = torch.cat(batch.views).to(DEVICE)
-            with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype is not None):
-                loss = nt_xent(model(views), cfg.method.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())  # a host sync per step: fine for a reference
-            step += 1
-            if step == last:
-                break
+    losses = []
+    for _, _, batch in scheduled_batches(cfg, loader, model, optimizer, max_steps):
+        views = torch.cat(batch.views).to(DEVICE)
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype is not None):
+            loss = nt_xent(model(views), cfg.method.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())  # a host sync per step: fine for a reference
     return {"losses": losses, "knn": knn_top1(model[0], cfg) if evaluate else None}
