@@ -4,11 +4,12 @@ FeatMatch semi-supervised fine-tuning of a pretrained backbone: N labels per cla
 the rest unlabeled; per-epoch JSON lines on stderr, the final result as JSON on stdout. One process, on a
 GPU when there is one (bf16 autocast), else the CPU. The method is described in pipeline/finetune.py.
 
-`--form released` (default) is GT-RIPL/FeatMatch's training step with its CIFAR settings (config/cifar10/*.json:
+`--form released` (default) is GT-RIPL/FeatMatch's training with its CIFAR settings (config/cifar10/*.json:
 T 0.75, loss.mix 0.5, loss.graph 2.0, pk 20, l_ratio 0.5, K 8 RandAugment views, bsl 64 of 192, ramp-up over
-75k of 183k iterations; model/model.py: attention dropout 0.1); `--form fixmatch` is this project's first
-form (hard pseudo-labels over --threshold, one colour-jitter strong view, weights 1 and 1). Options left
-unset take their form's value (FORM_DEFAULTS).
+75k of 183k iterations, 3k of them without AugF, lr 0.04, momentum 0.95, weight decay 2e-4, prototypes every
+500 iterations; model/model.py: attention dropout 0.1); `--form fixmatch` is this project's first form (hard
+pseudo-labels over --threshold, one colour-jitter strong view, weights 1 and 1, cosine schedule). Options
+left unset take their form's value (FORM_DEFAULTS).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from pipeline.finetune import finetune  # noqa: E402
 
 FORM_DEFAULTS = {
     "released": {"lambda_g": 0.5, "lambda_f": 2.0, "rampup": 75 / 183, "attention_dropout": 0.1, "strong_views": 8,
-                 "strong_aug": "randaugment", "prototype_threshold": 0.5},
+                 "strong_aug": "randaugment", "prototype_threshold": 0.5, "schedule": "released", "lr": 0.04,
+                 "momentum": 0.95, "weight_decay": 2e-4, "prototype_every": 500},
     "fixmatch": {"lambda_g": 1.0, "lambda_f": 1.0, "rampup": 0.0, "attention_dropout": 0.0, "strong_views": 1,
-                 "strong_aug": "jitter", "prototype_threshold": None},  # None: --threshold
+                 "strong_aug": "jitter", "prototype_threshold": None,  # None: --threshold
+                 "schedule": "cosine", "lr": 0.03, "momentum": 0.9, "weight_decay": 5e-4, "prototype_every": 0},
 }
 
 
@@ -47,12 +50,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--labeled-batch", type=int, default=None,
                    help="labeled images in every batch, from an endless sampler of the labeled subset (released: "
                         "batch/3, as the official 64 of 192; fixmatch: 0, none apart)")
-    p.add_argument("--lr", type=float, default=0.03, help="SGD (Nesterov, momentum 0.9) with cosine decay to 0")
+    p.add_argument("--schedule", choices=("released", "cosine"), default=None,
+                   help="released (released form): the official 3k AugF-free steps of 183k, cyclic lr, decay on every "
+                        "parameter; cosine (fixmatch form): cosine decay, timm's weight-decay groups (see pipeline/finetune.py)")
+    p.add_argument("--lr", type=float, default=None, help="peak SGD (Nesterov) lr (released 0.04, fixmatch 0.03)")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (released 0.95, fixmatch 0.9)")
     p.add_argument("--warmup-epochs", type=float, default=0.0,
-                   help="linear LR warm-up before the cosine decay, in epochs (default 0: none)")
+                   help="--schedule cosine: linear LR warm-up before the cosine decay, in epochs (default 0: none)")
     p.add_argument("--backbone-lr-scale", type=float, default=1.0, help="backbone lr = lr x this")
-    p.add_argument("--weight-decay", type=float, default=5e-4,
-                   help="on weights, not on biases, norms and the backbone's no-weight-decay tokens (timm's groups)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="released 2e-4 on every parameter; fixmatch 5e-4 on weights, not on biases, norms and the "
+                        "backbone's no-weight-decay tokens (timm's groups)")
     p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
     p.add_argument("--threshold", type=float, default=0.95,
                    help="fixmatch: pseudo-label confidence for the consistency losses (released: monitoring only)")
@@ -70,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prototype-threshold", type=float, default=None,
                    help="pseudo-label confidence for an unlabeled feature to join its class's k-means (released: 0.5, "
                         "halved while a class has too few; fixmatch: --threshold)")
+    p.add_argument("--prototype-every", type=int, default=None, metavar="STEPS",
+                   help="extract prototypes every STEPS steps (released 500, as the official sample_interval); 0: at "
+                        "every epoch's end (fixmatch)")
     p.add_argument("--kmeans-iters", type=int, default=20)
     p.add_argument("--memory-refresh", choices=("train", "pass"), default="train",
                    help="train: weak-view features recorded during the epoch; pass: an evaluation pass after it")
@@ -90,8 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--prototypes-per-class must be positive and --kmeans-iters >= 0")
     if not 0 <= args.threshold <= 1 or not 0 <= (args.prototype_threshold or 0) <= 1:
         p.error("thresholds are probabilities in [0, 1]")
-    if args.warmup_epochs < 0:
-        p.error("--warmup-epochs must be >= 0")
+    if args.warmup_epochs < 0 or (args.warmup_epochs and args.schedule != "cosine"):
+        p.error("--warmup-epochs must be >= 0, and is for --schedule cosine alone")
+    if args.lr <= 0 or not 0 <= args.momentum < 1 or args.weight_decay < 0 or args.prototype_every < 0:
+        p.error("--lr must be positive, --momentum in [0, 1), --weight-decay and --prototype-every >= 0")
     if not 0 <= args.labeled_batch < args.batch_size:
         p.error("--labeled-batch must be in [0, --batch-size)")
     if args.strong_views < 1 or (args.form == "fixmatch" and args.strong_views != 1):

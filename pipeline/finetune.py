@@ -28,27 +28,35 @@ shared/docs/METHODS.md): N labels per class, the rest of the training shards unl
   BatchNorm undo violently).
 - Prototypes. A feature memory of the training set (weak-view features recorded during training, by global
   index; labeled rows carry their label, unlabeled rows their pseudo-label and its confidence) gives
-  `--prototypes-per-class` (pk) prototypes per class at the start of every epoch. `released`: the class mean
+  `--prototypes-per-class` (pk) prototypes per class at each extraction (see Optimisation). `released`: the class mean
   plus k-means centres, from labeled rows alone until every class has more than pk unlabeled rows over an
   adaptive confidence threshold (`--prototype-threshold`, 0.5, halved up to 5 times), then half from each
   (FeatureMemory.released_class_prototypes; the labeled rows' features from an eval-mode pass of their
   evaluation view before each extraction, as the official `get_labeled_featrues`). `fixmatch`: pk k-means
   cluster means per class over labeled rows and unlabeled ones whose confidence reaches
-  `--prototype-threshold`. Before the first
-  epoch the memory comes from the evaluation pass above. `--memory-refresh pass` instead refills it with
-  an evaluation pass over the training set after every epoch (one more forward epoch; its features use
+  `--prototype-threshold`. Until training records them (from the first step with AugF on), the memory's
+  rows come from the evaluation pass above (unlabeled ones at confidence 0 unless `--warm-start`).
+  `--memory-refresh pass` instead refills it with an evaluation pass over the training set after every
+  epoch (one more forward epoch; its features use
   BatchNorm's running statistics, which only fit the training-mode features AugF sees once those
   statistics have settled: a pretrained backbone, not a random one).
 - Losses (pipeline.losses.featmatch): L = L_clf + r·(λ_g·L_con-g + λ_f·L_con-f) with pseudo-labels from
   the weak view through AugF; r ramps linearly from 0 to 1 over `--rampup` of the steps (`released`: 75k of
   the CIFAR configs' 183k iterations; `fixmatch`: none). The released first forward (all views, train mode,
   for the pseudo-labels) runs without gradient, as only its detached outputs are used.
-- Optimisation (not the released one, which runs 3k iterations without AugF, then SGD with momentum 0.95,
-  lr 0.04, wd 2e-4 on a cyclic schedule, and re-extracts prototypes every 500 iterations). timm's SGD
-  (Nesterov, momentum 0.9) over timm's weight-decay groups (no decay on biases, norms and the backbone's
-  `no_weight_decay()` tokens), one pair of groups per part (backbone at `--backbone-lr-scale` x lr, AugF,
-  classifier); timm's `CosineLRScheduler` per step: `--warmup-epochs` of
-  linear warm-up (none by default), then cosine decay to 0 over the remaining steps (as pipeline/train.py).
+- Optimisation (`--schedule`). `released` (the released form's default): the official trainer's
+  (train/trainer.py, util/scheduler.py SupConvScheduler, config/cifar10/*.json) with its CIFAR phases as
+  shares of the run's steps: 3k of 183k iterations without AugF (no prototypes, the pseudo-labels and
+  consistency from the plain classifier, no graph term: train1), the first prototypes at its end, then
+  every `--prototype-every` (500) steps; torch SGD (Nesterov, momentum 0.95, weight decay 2e-4 on every
+  parameter); lr per step piecewise linear: max/100 to max/10 over the AugF-free start, up to max (0.04)
+  over a 75k cycle, back to max/10 over the next, down to max/10^4 over the last 30k. (SupConvScheduler also
+  cycles momentum, but writes it to a key torch's SGD never reads: it stays 0.95, as here.) `cosine` (the
+  fixmatch form's): timm's SGD (Nesterov, momentum 0.9) over timm's weight-decay groups (no decay on biases,
+  norms and the backbone's `no_weight_decay()` tokens), AugF from the first step, prototypes every epoch
+  (`--prototype-every 0`), timm's `CosineLRScheduler` per step: `--warmup-epochs` of linear warm-up (none
+  by default), then cosine decay to 0 (as pipeline/train.py). Either way one pair of groups per part
+  (backbone at `--backbone-lr-scale` x lr, AugF, classifier).
 - Evaluation. Top-1 on --val after every epoch (a JSON line on stderr) with AugF ("val_top1", the paper's
   prediction) and without it ("val_top1_plain": backbone + classifier alone); the final JSON on stdout.
   `--output DIR` writes the fine-tuned classifier as a timm folder (config.json + model.safetensors, the
@@ -204,9 +212,10 @@ def join(labeled: Batch, rest: Batch) -> Batch:
 
 
 def released_step(model: FeatMatchNet, views: list[torch.Tensor], labels: torch.Tensor, coeff: float, args: Namespace,
-                  rng, autocast: dict):
+                  rng, autocast: dict, graph: bool = True):
     """The released training step on one batch (views [weak, strong...], labels -1 = unlabeled): the loss,
-    the weak view's features and its logits through AugF (from the first, gradient-free forward)."""
+    the weak view's features and its logits through AugF (from the first, gradient-free forward). Without
+    `graph` (the AugF-free start, train1) the loss has no graph term."""
     b, v = views[0].shape[0], len(views)
     x = torch.cat(views)
     with torch.no_grad(), torch.autocast(**autocast):
@@ -217,26 +226,76 @@ def released_step(model: FeatMatchNet, views: list[torch.Tensor], labels: torch.
     with torch.autocast(**autocast):
         _, mixed_f, mixed_g = model(x_mix)
     loss = featmatch_released_loss(mixed_g, mixed_f, t_mix.float(), (labels >= 0).repeat(v), coeff=coeff,
-                                   lambda_g=args.lambda_g, lambda_f=args.lambda_f)
+                                   lambda_g=args.lambda_g, lambda_f=args.lambda_f if graph else 0.0)
     return loss, f[:b], logits_g[:b]
 
 
-def optimizer_groups(model: FeatMatchNet, lr: float, backbone_scale: float, weight_decay: float) -> list[dict]:
-    """timm's weight-decay groups (none on biases, norms and the backbone's `no_weight_decay()` tokens) for
-    each part, the backbone's at lr x backbone_scale, AugF's and the classifier's at lr."""
+def optimizer_groups(model: FeatMatchNet, lr: float, backbone_scale: float, weight_decay: float,
+                     exclusions: bool = True) -> list[dict]:
+    """Per part, the backbone's at lr x backbone_scale, AugF's and the classifier's at lr: timm's weight-decay
+    groups (none on biases, norms and the backbone's `no_weight_decay()` tokens), or with `exclusions`
+    off one group per part, all of it decayed (the released optimizer)."""
     groups = []
     for part, scale in ((model.backbone, backbone_scale), (model.augf, 1.0), (model.classifier, 1.0)):
-        tokens = set(getattr(part, "no_weight_decay", set)())
-        for group in param_groups_weight_decay(part, weight_decay, no_weight_decay_list=tokens):
-            groups.append({**group, "lr": lr * scale})
+        if exclusions:
+            tokens = set(getattr(part, "no_weight_decay", set)())
+            part_groups = param_groups_weight_decay(part, weight_decay, no_weight_decay_list=tokens)
+        else:
+            part_groups = [{"params": list(part.parameters()), "weight_decay": weight_decay}]
+        groups += [{**group, "lr": lr * scale} for group in part_groups if group["params"]]
     return groups
 
 
+# GT-RIPL/FeatMatch config/cifar10/*.json, train: pretrain_iters, cycle_iters (twice), end_iters
+RELEASED_PHASES = (3000, 75000, 75000, 30000)
+
+
+def released_phases(total_steps: int) -> tuple[int, int, int, int]:
+    """The released phases (AugF-free start, lr up, lr down, end) as the same shares of `total_steps`."""
+    whole = sum(RELEASED_PHASES)
+    start, cycle = (round(total_steps * n / whole) for n in RELEASED_PHASES[:2])
+    cycle = min(cycle, (total_steps - start) // 2)
+    return start, cycle, cycle, total_steps - start - 2 * cycle
+
+
+def released_lr(step: int, total_steps: int, max_lr: float) -> float:
+    """SupConvScheduler's lr at `step` over the released phases scaled to `total_steps`: linear from max/100
+    to max/10, to max, back to max/10, then towards max/10^4 (reached at `total_steps`)."""
+    knots = [max_lr / 100, max_lr / 10, max_lr, max_lr / 10, max_lr / 1e4]
+    begin = 0
+    for phase, length in enumerate(released_phases(total_steps)):
+        if step < begin + length:
+            return knots[phase] + (step - begin) / length * (knots[phase + 1] - knots[phase])
+        begin += length
+    return knots[-1]
+
+
+class ReleasedSchedule:
+    """`released_lr` per step for every group, scaled by the group's own lr (the backbone's lr scale); the
+    same `step_update(step)` as timm's schedulers, and the lr of step 0 set at once."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int):
+        self.optimizer, self.total_steps = optimizer, total_steps
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.step_update(0)
+
+    def step_update(self, step: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = released_lr(step, self.total_steps, group["initial_lr"])
+
+
 def build_optimizer(model: FeatMatchNet, args: Namespace, total_steps: int, steps_per_epoch: int):
-    """timm SGD (Nesterov, momentum 0.9) and a per-step CosineLRScheduler: linear warm-up over
-    `args.warmup_epochs`, then cosine to 0 over the remaining steps (as pipeline/train.py's)."""
+    """`args.schedule` "released": torch SGD (Nesterov, `args.momentum`, weight decay on every parameter) on
+    ReleasedSchedule; "cosine": timm SGD (Nesterov, `args.momentum`, timm's weight-decay groups) and a
+    per-step CosineLRScheduler: linear warm-up over `args.warmup_epochs`, then cosine to 0 over the
+    remaining steps (as pipeline/train.py's)."""
+    if args.schedule == "released":
+        groups = optimizer_groups(model, args.lr, args.backbone_lr_scale, args.weight_decay, exclusions=False)
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+        return optimizer, ReleasedSchedule(optimizer, total_steps)
     optimizer = create_optimizer_v2(optimizer_groups(model, args.lr, args.backbone_lr_scale, args.weight_decay),
-                                    opt="sgd", lr=args.lr, weight_decay=args.weight_decay, momentum=0.9)
+                                    opt="sgd", lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum)
     warmup = min(int(args.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
     scheduler = CosineLRScheduler(
         optimizer, t_initial=total_steps - warmup, lr_min=0.0, warmup_t=warmup, warmup_lr_init=args.lr * 1e-3,
@@ -326,9 +385,14 @@ def finetune(args: Namespace) -> dict:
         confidence = torch.zeros_like(confidence)
     memory.update(first_pass["indices"], first_pass["features"], memory_labels(known, pseudo, confidence, memory_threshold), confidence)
 
-    def refresh_prototypes(epoch: int) -> None:
-        seed = args.seed + 1000 * epoch
-        if released and labeled_loader is not None and epoch > 0:  # the labeled rows from an unaugmented pass
+    refreshes: list[int] = []  # the steps at which prototypes were extracted
+
+    def refresh_prototypes(step: int) -> None:
+        if refreshes and refreshes[-1] == step:  # an epoch's end that is also a due step
+            return
+        seed = args.seed + 1000 * len(refreshes)
+        refreshes.append(step)
+        if released and labeled_loader is not None and step > 0:  # the labeled rows from an unaugmented pass
             out = collect(model, labeled_loader.evaluation(), device, autocast)
             memory.update(out["indices"], out["features"], known[out["indices"]], torch.ones(out["indices"].shape[0]))
         if released:
@@ -345,9 +409,17 @@ def finetune(args: Namespace) -> dict:
         return {"val_top1": top1_accuracy(with_augf, labels), "val_top1_plain": top1_accuracy(plain, labels),
                 "val_balanced": balanced_accuracy(with_augf, labels, num_classes)}
 
-    refresh_prototypes(0)
-    initial = evaluate()
     total_steps = args.epochs * len(train_loader)
+    # the released schedule's AugF-free start: no prototypes (so no AugF and no graph term) before this step
+    augf_from = released_phases(total_steps)[0] if args.schedule == "released" else 0
+
+    def refresh_due(step: int) -> bool:
+        every = args.prototype_every
+        return step == augf_from or (every > 0 and step > augf_from and step % every == 0)
+
+    if augf_from == 0:
+        refresh_prototypes(0)
+    initial = evaluate()
     opt, schedule = build_optimizer(model, args, total_steps, len(train_loader))
     rampup_steps = round(args.rampup * total_steps)
     mix_rng = np.random.default_rng(args.seed)
@@ -366,8 +438,12 @@ def finetune(args: Namespace) -> dict:
             indices = batch.indices.to(device, non_blocking=True)
             labels = known[indices]
             b = views[0].shape[0]
+            if step > 0 and refresh_due(step):
+                refresh_prototypes(step)
+            augf_on = step >= augf_from
             if released:
-                loss, f_weak, weak_g = released_step(model, views, labels, rampup(step, rampup_steps), args, mix_rng, autocast)
+                loss, f_weak, weak_g = released_step(model, views, labels, rampup(step, rampup_steps), args, mix_rng, autocast,
+                                                     graph=augf_on)
                 pseudo, confidence, confident = pseudo_labels(weak_g, args.threshold)
                 confident = confident & (labels < 0)
             else:
@@ -383,7 +459,7 @@ def finetune(args: Namespace) -> dict:
             opt.step()
             step += 1
             schedule.step_update(step)
-            if args.memory_refresh == "train":
+            if args.memory_refresh == "train" and augf_on:  # released: unlabeled rows recorded from train2 on
                 memory.update(indices, f_weak.float(), memory_labels(labels, pseudo, confidence, memory_threshold),
                               torch.where(labels >= 0, 1.0, confidence))
             sums += torch.stack([loss.total.detach(), loss.clf.detach(), loss.con_g.detach(), loss.con_f.detach(), confident.sum()])
@@ -393,7 +469,8 @@ def finetune(args: Namespace) -> dict:
             out = collect(model, memory_loader, device, autocast)
             confidence, pseudo = out["logits_g"].softmax(1).max(1)
             memory.update(out["indices"], out["features"], memory_labels(known[out["indices"]], pseudo, confidence, memory_threshold), confidence)
-        refresh_prototypes(epoch + 1)
+        if args.prototype_every == 0 and step >= augf_from:
+            refresh_prototypes(step)
         # Monitoring only (training never reads these labels): how right the memory's pseudo-labels are.
         pseudo_rows = (known < 0) & (memory.labels >= 0)
         all_on_device = all_labels.to(device)
@@ -426,6 +503,7 @@ def finetune(args: Namespace) -> dict:
         "val_top1": last["val_top1"],
         "val_top1_plain": last["val_top1_plain"],
         "val_balanced": last["val_balanced"],
+        "prototype_steps": refreshes,
         "epochs": history,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "seconds": round(time.time() - start_time, 2),

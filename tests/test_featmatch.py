@@ -313,7 +313,7 @@ def test_optimizer_uses_timm_groups_per_part_and_the_train_schedule():
     backbone.num_features = 8
     net = finetune.FeatMatchNet(backbone, 3, heads=2)
     args = launch_module().parse_args(["--backbone", "x", "--train", "t", "--val", "v", "--labels-per-class", "1",
-                                       "--lr", "0.1", "--backbone-lr-scale", "0.5", "--weight-decay", "0.01"])
+                                       "--lr", "0.1", "--backbone-lr-scale", "0.5", "--weight-decay", "0.01", "--form", "fixmatch"])
     assert args.warmup_epochs == 0
     opt, sched = finetune.build_optimizer(net, args, total_steps=10, steps_per_epoch=5)
     assert isinstance(opt, torch.optim.SGD) and all(g["nesterov"] and g["momentum"] == 0.9 for g in opt.param_groups)
@@ -346,7 +346,7 @@ def test_launch_finetune_runs_end_to_end(colour_shards, tiny_backbone, tmp_path)
     """`python launch/finetune.py` as a user runs it: one epoch on the tiny set, JSON on stdout."""
     cmd = [sys.executable, str(LAUNCH), "--backbone", f"local-dir:{tiny_backbone}", "--train", str(colour_shards / "train"),
            "--val", str(colour_shards / "val"), "--labels-per-class", "2", "--epochs", "1", "--batch-size", "12",
-           "--warmup-epochs", "0.5", "--prototypes-per-class", "2", "--heads", "2", "--strong-views", "1", "--device", "cpu",
+           "--schedule", "cosine", "--warmup-epochs", "0.5", "--prototypes-per-class", "2", "--heads", "2", "--strong-views", "1", "--device", "cpu",
            "--output", str(tmp_path / "out")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr

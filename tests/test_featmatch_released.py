@@ -136,6 +136,89 @@ def test_released_step_in_the_loop_equals_the_reference():
     torch.testing.assert_close(f_weak, f)
     torch.testing.assert_close(weak_g, logits_g[:b])
 
+    # train1, the AugF-free start: no prototypes, so plain logits everywhere, and no graph term
+    net.prototypes = torch.zeros(0, d, dtype=torch.float64)
+    loss, _, weak_g = finetune.released_step(net, views, labels, 0.4, args, np.random.default_rng(5), autocast, graph=False)
+    with torch.no_grad():
+        plain = net.classifier(backbone(x))
+    targets = soft_targets(plain[:b], labels).double().repeat(3, 1)
+    t_mix = lam * targets + (1 - lam) * targets[perm]
+    mixed = net.classifier(backbone(x_mix))
+    torch.testing.assert_close(loss.total.double(), ce(mixed, rows) + 0.4 * 0.5 * ce(mixed, ~rows))
+    torch.testing.assert_close(weak_g, plain[:b])
+
+
+# ------------------------------------------------------------------------------------ the schedule
+
+
+def supconv_lr(it, pretrain, cycle, end, max_lr):
+    """util/scheduler.py SupConvScheduler.compute_params' lr, from its milestones and slopes."""
+    start, base, last = max_lr / 100, max_lr / 10, max_lr / 1e4
+    if it < pretrain:
+        return start + it * (base - start) / pretrain
+    if it < pretrain + cycle:
+        return base + (it - pretrain) * (max_lr - base) / cycle
+    if it < pretrain + 2 * cycle:
+        return max_lr - (it - pretrain - cycle) * (max_lr - base) / cycle
+    return base - (it - pretrain - 2 * cycle) * (base - last) / end
+
+
+def test_released_schedule_is_supconvscheduler_at_the_configs_shares():
+    from pipeline import finetune
+
+    assert finetune.released_phases(183000) == (3000, 75000, 75000, 30000)  # config/cifar10/*.json
+    assert finetune.released_phases(183) == (3, 75, 75, 30)
+    for total, (p, c, _, e) in ((183, (3, 75, 75, 30)), (183000, (3000, 75000, 75000, 30000))):
+        for it in sorted({0, 1, p - 1, p, p + c // 2, p + c, p + 2 * c - 1, p + 2 * c, total - 1}):
+            assert finetune.released_lr(it, total, 0.04) == pytest.approx(supconv_lr(it, p, c, e, 0.04), rel=1e-12), it
+    assert finetune.released_lr(3000, 183000, 0.04) == pytest.approx(0.004)  # max / 10 when AugF comes in
+    assert finetune.released_lr(78000, 183000, 0.04) == pytest.approx(0.04)  # the peak
+    # a short run: phases still sum to the run, the AugF-free start may be empty
+    assert finetune.released_phases(24) == (0, 10, 10, 4) and sum(finetune.released_phases(7)) == 7
+
+
+def test_released_optimizer_is_the_official_sgd():
+    """train/trainer.py: SGD(nesterov, momentum 0.95, weight decay 2e-4) over every parameter, norms and biases
+    included; SupConvScheduler's lr set before the first step."""
+    from pipeline import finetune
+
+    backbone = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    backbone.num_features = 8
+    net = finetune.FeatMatchNet(backbone, 3, heads=2)
+    args = launch_module().parse_args(["--backbone", "x", "--train", "t", "--val", "v", "--labels-per-class", "1",
+                                       "--backbone-lr-scale", "0.5"])
+    opt, schedule = finetune.build_optimizer(net, args, total_steps=183, steps_per_epoch=61)
+    assert type(opt) is torch.optim.SGD
+    assert all(g["nesterov"] and g["momentum"] == 0.95 and g["weight_decay"] == 2e-4 for g in opt.param_groups)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert len(lr_of) == sum(1 for _ in net.parameters())
+    assert lr_of[id(backbone[1].weight)] == pytest.approx(0.04 / 100 * 0.5)  # step 0: max/100, at the backbone's scale
+    assert lr_of[id(net.classifier.bias)] == pytest.approx(0.04 / 100)
+    schedule.step_update(78)
+    assert opt.param_groups[-1]["lr"] == pytest.approx(0.04) and opt.param_groups[0]["lr"] == pytest.approx(0.02)
+    with pytest.raises(SystemExit):  # a warm-up belongs to the cosine schedule
+        launch_module().parse_args(["--backbone", "x", "--train", "t", "--val", "v", "--labels-per-class", "1",
+                                    "--warmup-epochs", "1"])
+
+
+def test_released_run_starts_without_augf_and_extracts_prototypes_on_its_steps(colour_shards, tiny_backbone, capsys,
+                                                                                 monkeypatch):
+    """Phases at a quarter of the run each (24 steps: 6 without AugF) and --prototype-every 5: no prototypes
+    through the first epoch's 6 steps, the first extraction at step 6, then at 10, 15 and 20 (train/featmatch.py
+    forward_train: at pretrain_iters, then where the iteration is a multiple of sample_interval)."""
+    import json
+
+    from pipeline import finetune
+
+    monkeypatch.setattr(finetune, "RELEASED_PHASES", (1, 1, 1, 1))
+    argv = ["--backbone", f"local-dir:{tiny_backbone}", "--train", str(colour_shards / "train"),
+            "--val", str(colour_shards / "val"), "--labels-per-class", "2", "--epochs", "4", "--batch-size", "12",
+            "--prototypes-per-class", "3", "--heads", "2", "--strong-views", "1", "--prototype-every", "5"]
+    assert launch_module().main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [e["prototypes"] for e in result["epochs"]][0] == 0 and result["epochs"][1]["prototypes"] > 0
+    assert result["prototype_steps"] == [6, 10, 15, 20]
+
 
 # --------------------------------------------------------------------------------------- prototypes
 
@@ -264,11 +347,13 @@ def test_form_defaults():
     # config/cifar10/*.json and model/model.py of GT-RIPL/FeatMatch
     expected = {"form": "released", "lambda_g": 0.5, "lambda_f": 2.0, "temperature": 0.75, "strong_views": 8,
                 "strong_aug": "randaugment", "attention_dropout": 0.1, "prototypes_per_class": 20,
-                "prototype_threshold": 0.5, "labeled_batch": 64, "rampup": 75000 / 183000}
+                "prototype_threshold": 0.5, "labeled_batch": 64, "rampup": 75000 / 183000, "schedule": "released",
+                "lr": 0.04, "momentum": 0.95, "weight_decay": 2e-4, "prototype_every": 500}
     assert {k: getattr(released, k) for k in expected} == pytest.approx(expected)
     fixmatch = launch.parse_args(base + ["--form", "fixmatch", "--threshold", "0.9"])
     expected = {"lambda_g": 1.0, "lambda_f": 1.0, "strong_views": 1, "strong_aug": "jitter", "attention_dropout": 0.0,
-                "rampup": 0.0, "prototype_threshold": 0.9, "labeled_batch": 0}
+                "rampup": 0.0, "prototype_threshold": 0.9, "labeled_batch": 0, "schedule": "cosine", "lr": 0.03,
+                "momentum": 0.9, "weight_decay": 5e-4, "prototype_every": 0}
     assert {k: getattr(fixmatch, k) for k in expected} == expected
     from pipeline import finetune
 
