@@ -36,11 +36,11 @@ from pipeline.data.loader import ShardLoader  # noqa: E402
 
 # The recipe fields torchvision_view maps; a field added to the config fails loudly here instead of drifting.
 MAPPED_FIELDS = {
-    ViewRecipe: {"size", "scale", "ratio", "flip", "color_jitter", "grayscale", "blur", "solarize", "interpolation", "rand_augment",
-                 "mean", "std"},
+    ViewRecipe: {"size", "scale", "ratio", "flip", "color_jitter", "grayscale", "blur", "solarize", "interpolation", "translate",
+                 "rand_augment", "mean", "std"},
     ColorJitter: {"brightness", "contrast", "saturation", "hue", "probability", "form"},  # form: torchvision's either way
     Blur: {"probability", "sigma"},
-    RandAugment: {"n", "m", "bins"},
+    RandAugment: {"n", "m", "bins", "form"},  # form: torchvision's RandAugment either way (a speed baseline)
 }
 INTERPOLATION = {"linear": v2.InterpolationMode.BILINEAR, "cubic": v2.InterpolationMode.BICUBIC}
 
@@ -79,6 +79,8 @@ def torchvision_view(recipe: ViewRecipe) -> v2.Compose:
         v2.RandomResizedCrop(recipe.size, scale=recipe.scale, ratio=recipe.ratio, antialias=True, interpolation=INTERPOLATION[recipe.interpolation]),
         v2.RandomHorizontalFlip(recipe.flip),
     ]
+    if recipe.translate:
+        ops.append(v2.RandomCrop(recipe.size, padding=recipe.translate))
     if (r := recipe.rand_augment) is not None:
         ops.append(v2.RandAugment(num_ops=r.n, magnitude=r.m, num_magnitude_bins=r.bins))
     if (j := recipe.color_jitter) is not None:

@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of the steps over which the consistency weight rises linearly to 1 (released 75/183, fixmatch 0)")
     p.add_argument("--strong-views", type=int, default=None, help="strong views per image (released 8, fixmatch 1)")
     p.add_argument("--strong-aug", choices=("randaugment", "jitter"), default=None,
-                   help="strong views: DALI's RandAugment (released) or colour jitter (fixmatch)")
+                   help="strong views: the official RandomAugment in DALI (released) or colour jitter (fixmatch)")
     p.add_argument("--heads", type=int, default=4, help="attention heads of AugF")
     p.add_argument("--attention-dropout", type=float, default=None, help="dropout on AugF's attention weights (released 0.1, fixmatch 0)")
     p.add_argument("--prototypes-per-class", type=int, default=20)

@@ -57,12 +57,16 @@ class Blur(Strict):
 
 
 class RandAugment(Strict):
-    """DALI's RandAugment (`nvidia.dali.auto_aug.rand_augment`): `n` operations per image at magnitude bin
-    `m` of `bins`, translations relative to the view's size."""
+    """RandAugment after the crop's resize, translations relative to the view's size. `form` "dali": DALI's
+    (`nvidia.dali.auto_aug.rand_augment`): `n` operations per image, all at magnitude bin `m` of `bins`.
+    "featmatch": GT-RIPL/FeatMatch's RandomAugment (util/random_augment.py): `n` operations drawn from its 16
+    (pipeline.data.augment.FEATMATCH_SUITE), each at its own bin drawn uniformly from 0..`m` (`m` = bins - 1:
+    the whole range, as its M 9 of 10 bins), padding black."""
 
     n: int = Field(2, ge=1)
     m: int = Field(15, ge=0)
     bins: int = Field(31, ge=2)
+    form: Literal["dali", "featmatch"] = "dali"
 
     @model_validator(mode="after")
     def _m_in_bins(self):
@@ -72,8 +76,8 @@ class RandAugment(Strict):
 
 
 class ViewRecipe(Strict):
-    """One augmented view: random resized crop, RandAugment, flip, colour jitter, grayscale, blur, solarise,
-    normalise."""
+    """One augmented view: random resized crop, translation, RandAugment, flip, colour jitter, grayscale,
+    blur, solarise, normalise."""
 
     size: int = Field(224, ge=8, le=4096)
     scale: tuple[float, float] = (0.08, 1.0)  # fraction of the image area
@@ -84,6 +88,7 @@ class ViewRecipe(Strict):
     blur: Blur | None = None
     solarize: float = Field(0.0, ge=0.0, le=1.0)
     interpolation: Literal["linear", "cubic"] = "linear"  # of the crop's resize (cubic: bicubic, as some official recipes use)
+    translate: int = Field(0, ge=0)  # px: a shift by whole pixels, up to this either way per axis, padding black (RandomCrop(size, padding))
     rand_augment: RandAugment | None = None  # after the crop's resize, before the colour operations
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD

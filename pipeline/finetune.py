@@ -13,13 +13,14 @@ shared/docs/METHODS.md): N labels per class, the rest of the training shards unl
   pseudo-labels over `--threshold`, one colour-jitter strong view, k-means prototypes of confident rows).
 - Data. Each batch is `--labeled-batch` labeled images (pipeline.data.labeled.LabeledLoader, endless, as the
   official SSLDataLoader; 0: none apart) plus the rest from one DALI `ShardLoader` over all training shards
-  (an epoch is one pass of it; its labeled images count as labeled rows). Views: weak (random resized crop
-  at scale 0.5-1 + flip, no colour change) and `--strong-views` strong ones: `released`, the crop and
-  flip, then DALI's RandAugment (n 2, bin 15 of 31: the official draws each op's magnitude uniformly over its
-  whole range at M 9, DALI holds one; DALI's suite has no Invert, and the official views have no crop);
-  `fixmatch`, crop at scale 0.2-1 + flip + DALI's colour twist 0.4/0.4/0.4/0.1 with p 0.8 + grayscale 0.2,
-  blur at 64 px and above. Labeled rows of a batch are found by their global index. Views are sized and
-  normalised as the backbone's config says.
+  (an epoch is one pass of it; its labeled images count as labeled rows). Views, of the whole image resized
+  to the backbone's input: `released`, as ssltrainer.init_transform: weak = flip + a shift of up to size/16
+  px padded black (RandomCrop(size, padding=size // 16)), and `--strong-views` strong ones, each the
+  official RandomAugment (2 of its 16 operations, each magnitude uniform over its whole range: RandAugment
+  form "featmatch", in DALI's auto_aug); `fixmatch`, weak = random resized crop at scale 0.5-1 + flip, strong
+  = crop at scale 0.2-1 + flip + DALI's colour twist 0.4/0.4/0.4/0.1 with p 0.8 + grayscale 0.2, blur at 64
+  px and above. Labeled rows of a batch are found by their global index. Views are sized and normalised as
+  the backbone's config says.
 - Model. backbone -> features f; AugF (models.prototype_attention.PrototypeAttention, `--heads`,
   `--attention-dropout` on its weights, φᵣ zero-initialised so AugF starts as relu(f): the released head
   starts at random, which would scramble a pretrained backbone's features) -> g; one linear classifier on
@@ -112,10 +113,13 @@ def backbone_config(spec: str) -> dict:
 
 def view_recipes(size: int, mean, std, strong_views: int = 1, strong: str = "jitter") -> list[ViewRecipe]:
     """[weak, strong × strong_views] at the backbone's input size and normalisation; `strong`: "randaugment"
-    or "jitter" (see the module docstring)."""
+    (the released views) or "jitter" (see the module docstring)."""
+    if strong == "randaugment":  # ssltrainer.init_transform: Tsimp, then K x RandomAugment(N 2, M 9) on the whole image
+        whole = ViewRecipe(size=size, scale=(1.0, 1.0), color_jitter=None, grayscale=0.0, mean=mean, std=std)
+        weak = whole.model_copy(update={"translate": size // 16})
+        strong_view = whole.model_copy(update={"flip": 0.0, "rand_augment": RandAugment(n=2, m=30, bins=31, form="featmatch")})
+        return [weak] + [strong_view] * strong_views
     weak = ViewRecipe(size=size, scale=(0.5, 1.0), color_jitter=None, grayscale=0.0, mean=mean, std=std)
-    if strong == "randaugment":
-        return [weak] + [weak.model_copy(update={"rand_augment": RandAugment(n=2, m=15)})] * strong_views
     jitter = ViewRecipe(
         size=size,
         scale=(0.2, 1.0),

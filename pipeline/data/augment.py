@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
+from nvidia.dali.auto_aug import augmentations as auto_ops
 from nvidia.dali.auto_aug import rand_augment
+from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 
 from data_shards.shards import MAX_DECIMAL_DIGITS
 from pipeline.config import ColorJitter, ViewRecipe
@@ -19,6 +21,41 @@ from pipeline.config import ColorJitter, ViewRecipe
 DIGITS = MAX_DECIMAL_DIGITS  # width of the zero-padded decimal text fields (.cls, .id); the index check keeps them shorter
 _INTERPOLATION = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}
 _SOLARIZE = [k if k < 128 else 255 - k for k in range(256)]
+
+
+@augmentation
+def _mirror(data, _):
+    return fn.flip(data, horizontal=1)
+
+
+# GT-RIPL/FeatMatch util/random_augment.py's operations at its ranges, in DALI's auto_aug: shear 0.3,
+# translate 150/331 of the size, rotate 30 degrees (all of random sign), the four enhance factors over
+# 0.1-1.9, posterize to 8-4 bits, solarize at thresholds 256-0, and the operations without a magnitude.
+FEATMATCH_SUITE = [
+    auto_ops.shear_x, auto_ops.shear_y,
+    auto_ops.translate_x.augmentation(mag_range=(0, 150 / 331)), auto_ops.translate_y.augmentation(mag_range=(0, 150 / 331)),
+    auto_ops.rotate, _mirror, auto_ops.identity, auto_ops.auto_contrast, auto_ops.equalize, auto_ops.solarize,
+    auto_ops.posterize.augmentation(mag_range=(8, 4)), auto_ops.contrast, auto_ops.color, auto_ops.brightness,
+    auto_ops.sharpness, auto_ops.invert,
+]
+
+
+def featmatch_rand_augment(image, n: int, m: int, bins: int, size: int):
+    """`n` operations drawn from FEATMATCH_SUITE with replacement, each at a magnitude bin drawn uniformly
+    from 0..m (with a random sign where the operation takes one), padding black as PIL's transform."""
+    for _ in range(n):
+        magnitude = signed_bin(fn.random.uniform(values=list(range(m + 1)), dtype=types.INT32))
+        op = fn.random.uniform(values=list(range(len(FEATMATCH_SUITE))), dtype=types.INT32)
+        image = select(FEATMATCH_SUITE, op, data=image, magnitude_bin=magnitude, num_magnitude_bins=bins,
+                       shape=[size, size], fill_value=0)
+    return image
+
+
+def _translate(image, pixels: int):
+    """A shift by a whole number of pixels, uniform over -pixels..pixels per axis, padding black: a
+    pad-then-random-crop, as torchvision's RandomCrop(size, padding=pixels)."""
+    shifts = fn.random.uniform(values=[float(t) for t in range(-pixels, pixels + 1)], shape=[2])
+    return fn.warp_affine(image, matrix=fn.transforms.translation(offset=shifts), fill_value=0, interp_type=types.INTERP_NN)
 
 
 @dataclass(frozen=True)
@@ -205,9 +242,13 @@ def view(image, shape, recipe: ViewRecipe, out_dtype, debug: bool):
         interp_type=_INTERPOLATION[recipe.interpolation],
         antialias=True,
     )
-    if recipe.rand_augment is not None:  # runs on the CPU pipeline too (it needs the conditionals views_pipeline enables)
-        ra = recipe.rand_augment
-        out = rand_augment.rand_augment(out, n=ra.n, m=ra.m, num_magnitude_bins=ra.bins, shape=[recipe.size, recipe.size])
+    if recipe.translate:
+        out = _translate(out, recipe.translate)
+    if (ra := recipe.rand_augment) is not None:  # runs on the CPU pipeline too (it needs the conditionals views_pipeline enables)
+        if ra.form == "featmatch":
+            out = featmatch_rand_augment(out, ra.n, ra.m, ra.bins, recipe.size)
+        else:
+            out = rand_augment.rand_augment(out, n=ra.n, m=ra.m, num_magnitude_bins=ra.bins, shape=[recipe.size, recipe.size])
     out = _color(out, recipe)
     if recipe.blur is not None:
         sigma = _uniform(*recipe.blur.sigma)
