@@ -25,6 +25,10 @@ SOLO = "vturrisi/solo-learn scripts/pretrain/cifar/mocov3.yaml"
 MOCOV2 = "facebookresearch/moco main_moco.py --mlp --moco-t 0.2 --aug-plus --cos"
 SIMCLR = "google-research/simclr README, CIFAR-10 command"
 SDCLR = "VITA-Group/SDCLR@34c932e cmds/shell_scrips/cifar-10-LT.sh --prune True --prune_percent 0.9 --prune_dual_bn True"
+CMC = "HobbitLong/CMC train_CMC.py"
+DIM = "rdevon/DIM scripts/deep_infomax.py"
+AMDIM = "Philip-Bachman/amdim-public"
+METAUG = "jiangmengli/metaug train_MetAug.py"
 
 
 def head(hidden, out, layers, last_bn, bias=True, hidden_bn=True, init_std=None):
@@ -129,6 +133,82 @@ FIDELITY = {
         ("views.0.scale", (0.1, 1.0), "VITA-Group/SDCLR train_simCLR.py: --resizeLower 0.1"),
         ("views.0.color_jitter.saturation", 0.4, "VITA-Group/SDCLR train_simCLR.py: ColorJitter(0.4, 0.4, 0.4, 0.1)"),
         ("views.0.mean", (0.485, 0.456, 0.406), "VITA-Group/SDCLR models: NormalizeByChannelMeanStd (ImageNet's)"),
+    ],
+    "cmc_resnet50_imagenet": [
+        ("method.temperature", 0.07, f"{CMC}: --nce_t 0.07"),
+        ("method.memory_bank.negatives", 16384, f"{CMC}: --nce_k 16384"),
+        ("method.memory_bank.momentum", 0.5, f"{CMC}: --nce_m 0.5"),
+        ("model.projector.out_dim", 128, f"{CMC}: --feat_dim 128"),
+        ("model.projector.layers", 1, "HobbitLong/CMC models/resnet.py: one Linear(2048, feat_dim) head"),
+        ("model.backbone_args", {"zero_init_last": False}, "HobbitLong/CMC models/resnet.py: BatchNorm weights 1"),
+        ("optim.name", "sgd", f"{CMC}: torch.optim.SGD(model.parameters())"),
+        ("optim.lr", 0.03, f"{CMC}: --learning_rate 0.03"),
+        ("optim.scale_lr", False, f"{CMC}: the lr is not scaled by the batch"),
+        ("optim.momentum", 0.9, f"{CMC}: --momentum 0.9"),
+        ("optim.weight_decay", 1e-4, f"{CMC}: --weight_decay 1e-4"),
+        ("optim.no_decay_norm_bias", False, f"{CMC}: SGD(model.parameters())"),
+        ("optim.warmup_epochs", 0, f"{CMC}: no warm-up"),
+        ("train.epochs", 240, f"{CMC}: --epochs 240"),
+        ("views.0.scale", (0.08, 1.0), "HobbitLong/CMC README: crop 0.08-1 for the ImageNet ResNets"),
+        ("views.0.color_jitter", None, f"{CMC}: RandomResizedCrop, RandomHorizontalFlip, RGB2Lab, no jitter"),
+        ("views.0.mean", (0.0, 0.0, 0.0), "HobbitLong/CMC dataset.py RGB2Lab: sRGB in [0, 1] into Lab (scaled in Lab)"),
+    ],
+    "cmc_resnet18_cifar": [
+        ("method.temperature", 0.07, f"{CMC}: --nce_t 0.07"),
+        ("method.memory_bank.negatives", 16384, f"{CMC}: --nce_k 16384"),
+        ("method.memory_bank.momentum", 0.5, f"{CMC}: --nce_m 0.5"),
+        ("model.projector.out_dim", 128, f"{CMC}: --feat_dim 128"),
+        ("model.projector.layers", 1, "HobbitLong/CMC models/resnet.py: one Linear(512, feat_dim) head"),
+        ("model.backbone_args", {"zero_init_last": False}, "HobbitLong/CMC models/resnet.py: BatchNorm weights 1"),
+        ("optim.name", "sgd", f"{CMC}: torch.optim.SGD(model.parameters())"),
+        ("optim.lr", 0.03, f"{CMC}: --learning_rate 0.03"),
+        ("optim.scale_lr", False, f"{CMC}: the lr is not scaled by the batch"),
+        ("optim.momentum", 0.9, f"{CMC}: --momentum 0.9"),
+        ("optim.weight_decay", 1e-4, f"{CMC}: --weight_decay 1e-4"),
+        ("optim.no_decay_norm_bias", False, f"{CMC}: SGD(model.parameters())"),
+        ("optim.warmup_epochs", 0, f"{CMC}: no warm-up"),
+        ("train.epochs", 240, f"{CMC}: --epochs 240"),
+        ("views.0.scale", (0.2, 1.0), "HobbitLong/CMC train_CMC.py: --crop_low 0.2 (and MetAug's CMC setting)"),
+        ("views.0.color_jitter", None, f"{CMC}: RandomResizedCrop, RandomHorizontalFlip, RGB2Lab, no jitter"),
+        ("views.0.mean", (0.0, 0.0, 0.0), "HobbitLong/CMC dataset.py RGB2Lab: sRGB in [0, 1] into Lab (scaled in Lab)"),
+    ],
+    "dim_resnet18_cifar": [
+        ("method.estimator", "jsd", f"{DIM}: routine(measure='JSD', mode='fd')"),
+        ("method.critic_units", 1024, f"{DIM}: build(mi_units=1024)"),
+        ("model.projector.out_dim", 64, f"{DIM}: build(global_units=64)"),
+        ("optim.lr", 1e-4, f"{DIM}: optimizer learning_rate 1e-4 (cortex's Adam)"),
+        ("optim.min_lr", 1e-4, f"{DIM}: a constant lr"),
+        ("data.batch_size", 64, f"{DIM}: batch_size train 64"),
+        ("train.epochs", 1000, f"{DIM}: epochs 1000"),
+    ],
+    "amdim_resnet18_cifar": [
+        ("method.n_rkhs", 1024, f"{AMDIM} train.py: --n_rkhs 1024"),
+        ("method.clip", 20.0, f"{AMDIM} train.py: --tclip 20.0"),
+        ("method.score_reg", 0.05, f"{AMDIM} costs.py: the score regulariser's weight 0.05"),
+        ("optim.lr", 2e-4, f"{AMDIM} train.py: --learning_rate 0.0002"),
+        ("optim.betas", (0.8, 0.999), f"{AMDIM} task_self_supervised.py: Adam(betas=(0.8, 0.999))"),
+        ("optim.weight_decay", 1e-5, f"{AMDIM} task_self_supervised.py: Adam(weight_decay=1e-5)"),
+        ("train.epochs", 300, f"{AMDIM} task_self_supervised.py: epochs = 300 for CIFAR"),
+        ("data.batch_size", 200, f"{AMDIM} train.py: --batch_size 200"),
+        ("views.0.color_jitter.brightness", 0.4, f"{AMDIM} datasets.py TransformsC10: ColorJitter(0.4, 0.4, 0.4, 0.2) at p 0.8"),
+        ("views.0.color_jitter.hue", 0.2, f"{AMDIM} datasets.py"),
+        ("views.0.grayscale", 0.25, f"{AMDIM} datasets.py: RandomGrayscale(p=0.25)"),
+    ],
+    "metaug_cmc_resnet18_cifar": [
+        ("method.memory_bank.negatives", 1024, f"{METAUG}: --nce_k 1024"),
+        ("method.memory_bank.momentum", 0.5, f"{METAUG}: --nce_m 0.5"),
+        ("method.oucl.beta", 16.0, f"{METAUG}: CircleLoss gamma 16"),
+        ("method.oucl.weighted", False, f"{METAUG}: alpha_enable_gh no"),
+        ("method.oucl.margins", False, f"{METAUG}: delta_enable_gh no"),
+        ("method.metaug.delta", 1e-5, f"{METAUG}: --mt_loss_hp 1e-5"),
+        ("method.metaug.inner_lr", 1e-3, f"{METAUG}: --bb_learning_rate 1e-3"),
+        ("method.metaug.scope", "encoder", f"{METAUG}: fast weights over the whole encoder"),
+        ("method.metaug.generator_lr", 0.03, f"{METAUG}: generators' SGD lr 0.03"),
+        ("optim.lr", 0.03, f"{METAUG}: --learning_rate 0.03"),
+        ("optim.scale_lr", False, f"{METAUG}: the lr is not scaled by the batch"),
+        ("optim.weight_decay", 1e-4, f"{METAUG}: --weight_decay 1e-4"),
+        ("data.batch_size", 64, f"{METAUG}: --batch_size 64"),
+        ("views.0.scale", (0.2, 1.0), f"{METAUG}: RandomResizedCrop(scale=(crop_low 0.2, 1))"),
     ],
 }
 
