@@ -77,6 +77,16 @@ def small_shards(tmp_path_factory) -> Path:
     return make_shards(src, root / "shards", "--shard-size-mb", "0.05")
 
 
+def logged(run: Path, tag: str) -> list[float]:
+    """What a training run under `run` logged to TensorBoard as `tag`, in step order (the loop's kNN monitor,
+    `eval/knn_top1`, runs before the first step and after the last)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run) / "tensorboard"))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
 def tiny_config(method: str = "simclr", *extra: str):
     """A configuration small enough for CPU tests: timm's test ViT at 16x16, heads without BatchNorm
     (so results do not depend on how a batch is split across ranks)."""

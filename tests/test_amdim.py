@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import logged
 from distributed_utils import average_over_ranks, spawn
 from interpreter import INTERPRETING, run_under_interpreter
 from pipeline.losses import chunked
@@ -257,9 +258,7 @@ def _train_amdim(rank, world, digits, out):
 @pytest.mark.skipif(INTERPRETING, reason="the interpreter run takes only the Triton cases")
 def test_amdim_trains_through_the_loop(digits, tmp_path):
     """12 steps on the embedded digits: the loss of the last six steps below the first six's, every part
-    logged, and the export a plain timm ResNet. The kNN of so short a run is not clearly above the untrained
-    backbone's (the loop's monitor on the digits' validation shards: 80.8% untrained, 77.7% after 15 steps,
-    81.1-83.8% after 30, at n_rkhs 32-64 and LR 2e-3-3e-3), and longer runs exceed this file's time."""
+    logged, and the export a plain timm ResNet (the kNN lift takes longer: the next test)."""
     import timm
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -271,3 +270,27 @@ def test_amdim_trains_through_the_loop(digits, tmp_path):
     assert second < first - 0.3, (first, second)
     exported = timm.create_model(f"local-dir:{tmp_path / 'run' / 'backbone'}", pretrained=True)
     assert exported.num_features == 96  # the plain timm ResNet: the heads stay out
+
+
+def _train_on_digits(rank, world, digits, out):
+    from pipeline.config import load_config
+    from pipeline.train import train
+
+    view = "{size: 32, scale: [0.5, 1.0], color_jitter: null, grayscale: 0.0}"
+    train(load_config(None, [
+        *AMDIM_TINY, "method.name=amdim", f"data.views=[{view}, {view}]", f"train.data={digits}/train",
+        f"train.val_data={digits}/val", f"train.output={out}", "data.eval_size=32", "data.eval_resize=32",
+        "data.batch_size=16", "data.num_threads=1", "engine.precision=fp32", "train.max_steps=300", "train.log_every=50",
+        "train.knn_every=0", "train.knn_k=20", "optim.name=adamw", "optim.lr=1e-3", "optim.scale_lr=false",
+        "optim.weight_decay=1e-5", "optim.warmup_epochs=0",
+    ]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter run takes only the Triton cases")
+def test_training_on_the_digits_lifts_knn(digits, tmp_path):
+    """300 steps (about 3 epochs) of the embedded digits through the DeepSpeed loop: the kNN monitor ends
+    clearly above the untrained backbone's. (At LR 2e-3 it does not: 0.808 -> 0.786 after 400 steps.)"""
+    spawn(_train_on_digits, 1, str(digits), str(tmp_path / "run"))
+    before, after = logged(tmp_path / "run", "eval/knn_top1")
+    assert after > before + 0.03, (before, after)  # measured: 0.808 -> 0.869

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import logged
 from distributed_utils import average_over_ranks, spawn
 from models.causal_context import CausalContext
 from models.patch_grid import PatchFeatures, augment_patches, cut_patches, grid_side
@@ -245,14 +246,6 @@ TRAIN = ["method.name=cpc", *CPC_RESNET, "method.context_hidden=64", "method.tar
 STEPS = 200
 
 
-def logged_knn(run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run / "tensorboard"))
-    events.Reload()
-    return [e.value for e in events.Scalars("eval/knn_top1")]
-
-
 @pytest.mark.slow
 def test_training_on_the_digits_lifts_knn_and_the_export_gives_the_same_features(digits, tmp_path):
     import timm
@@ -264,7 +257,7 @@ def test_training_on_the_digits_lifts_knn_and_the_export_gives_the_same_features
 
     run = tmp_path / "run"
     spawn(_train_cpc, 1, str(digits), str(run), STEPS)
-    before, after = logged_knn(run)  # the loop's kNN monitor before the first step and after the last
+    before, after = logged(run, "eval/knn_top1")  # the loop's kNN monitor before the first step and after the last
     assert after > before + 0.02, (before, after)  # measured: 0.805 -> 0.838
 
     ckpt = complete_checkpoints(run / "checkpoints")[-1]

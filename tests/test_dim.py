@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import logged
 from distributed_utils import average_over_ranks, spawn
 from models.local_features import global_and_maps, map_rows, stage_channels
 from pipeline.losses import chunked
@@ -213,3 +214,26 @@ def test_dim_trains_two_steps_through_the_loop(small_shards, tmp_path):
     assert read_meta(ckpt)["step"] == 2
     exported = timm.create_model(f"local-dir:{tmp_path / 'run' / 'backbone'}", pretrained=True)
     assert exported.num_features == 64  # the plain timm ViT: the critics and discriminator stay out
+
+
+def _train_on_digits(rank, world, digits, out):
+    from pipeline.config import load_config
+    from pipeline.train import train
+
+    train(load_config(None, [
+        "method.name=dim", "method.critic_units=64", "data.views=[{size: 16, scale: [0.3, 1.0], color_jitter: null, grayscale: 0.0}]",
+        f"train.data={digits}/train", f"train.val_data={digits}/val", f"train.output={out}", "data.eval_size=16",
+        "data.eval_resize=16", "data.batch_size=16", "data.num_threads=1", "model.backbone=test_resnet",
+        "model.projector={hidden_dim: 64, out_dim: 32, layers: 2}", "engine.precision=fp32", "train.max_steps=200",
+        "train.log_every=50", "train.knn_every=0", "train.knn_k=20", "optim.name=adamw", "optim.lr=1e-3",
+        "optim.scale_lr=false", "optim.weight_decay=0.0", "optim.warmup_epochs=0",
+    ]))
+
+
+@pytest.mark.slow
+def test_training_on_the_digits_lifts_knn(digits, tmp_path):
+    """200 steps (about 2 epochs) of the embedded digits through the DeepSpeed loop, JSD as the recipe: the
+    kNN monitor ends clearly above the untrained backbone's."""
+    spawn(_train_on_digits, 1, str(digits), str(tmp_path / "run"))
+    before, after = logged(tmp_path / "run", "eval/knn_top1")
+    assert after > before + 0.03, (before, after)  # measured: 0.749 -> 0.802 (0.799 after 400 steps)

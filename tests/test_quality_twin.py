@@ -13,18 +13,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from benchmarks.plain_simclr import simclr_model, train_plain
+from conftest import logged
 from pipeline.config import load_config
 from pipeline.methods import build_method
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 STEPS = 14  # the first epoch of the digits at batch 128 (11 steps), the kNN monitor, then 3 steps of the second
-
-
-def logged_losses(run: Path) -> list[float]:
-    events = EventAccumulator(str(run / "tensorboard"))
-    events.Reload()
-    return [e.value for e in events.Scalars("loss/total")]
 
 
 def plain_twin(cfg):
@@ -48,7 +43,7 @@ def test_default_run_matches_its_plain_twin_step_by_step(digits, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kNN top-1 after epoch 1" in done.stdout
-    ours = logged_losses(tmp_path / "run")
+    ours = logged(tmp_path / "run", "loss/total")
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert {"run/command/text_summary", "run/git_revision/text_summary", "run/config/text_summary"} <= set(events.Tags()["tensors"])
@@ -160,7 +155,7 @@ def test_mocov3_recipe_run_follows_its_plain_twin(digits, tmp_path):
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(MOCOV3), "--output", str(tmp_path / "run"), *overrides]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    ours = logged_losses(tmp_path / "run")
+    ours = logged(tmp_path / "run", "loss/total")
     cfg, _, model = mocov3_twins(overrides)
     reference = train_plain_mocov3(cfg, model, max_steps=steps, evaluate=False)["losses"]
     assert len(ours) == len(reference) == steps
