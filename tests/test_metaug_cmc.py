@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, tiny_config
+from conftest import tiny_config
 from distributed_utils import average_over_ranks, spawn
 from models.generators import feature_generators
 from pipeline.config import load_config
@@ -19,7 +19,6 @@ from pipeline.methods.cmc import lab_views
 from pipeline.methods.metaug_cmc import MetAugCMC
 from test_cmc_memory_bank import INDICES, RAW_VIEWS, images, recording_draws
 
-RECIPE = ROOT / "launch" / "configs" / "metaug_cmc_resnet18_cifar.yaml"
 N_DATA, K = 20, 6
 # beta 8 so that 16/beta matters; delta, R's weight and epsilon large so that every term does
 LARGE = ("method.oucl.beta=8", "method.metaug.delta=0.5", "method.metaug.reg_weight=0.5", "method.metaug.inner_lr=0.5")
@@ -251,19 +250,6 @@ def test_the_engine_trains_the_encoders_and_the_generators_are_the_methods_own()
     assert names == {f"{v}_{kind}" for v in ("l", "ab", "ori") for kind in ("backbone", "projector")}
     assert len(method.generators) == 3 and not any(id(p) in trained for p in method.generators.parameters())
     assert list(method.encoders()) == ["l", "ab", "ori"] and method.bank.rows.shape == (3, N_DATA, 16)
-
-
-def test_recipe_is_the_released_setting():
-    cfg = load_config(RECIPE)
-    MetAugCMC.check(cfg, 1)
-    m = cfg.method
-    assert m.name == "metaug_cmc" and m.ori and (m.memory_bank.negatives, m.memory_bank.momentum) == (1024, 0.5)
-    assert (m.oucl.beta, m.oucl.weighted, m.oucl.margins) == (16.0, False, False)
-    assert (m.metaug.form, m.metaug.scope, m.metaug.inner_lr, m.metaug.delta, m.metaug.generator_lr) == (
-        "released", "encoder", 1e-3, 1e-5, 0.03)
-    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.scale_lr, cfg.optim.weight_decay, cfg.data.batch_size) == (
-        "sgd", 0.03, False, 1e-4, 64)
-    assert cfg.model.projector.out_dim == 128 and cfg.data.view_recipes()[0].scale == (0.2, 1.0)
 
 
 # --- through the loop -------------------------------------------------------------------------------------------

@@ -195,6 +195,10 @@ FIDELITY = {
         ("views.0.grayscale", 0.25, f"{AMDIM} datasets.py: RandomGrayscale(p=0.25)"),
     ],
     "metaug_cmc_resnet18_cifar": [
+        ("method.name", "metaug_cmc", f"{METAUG}: CMC's Lab views, memory banks and an encoder per view"),
+        ("method.ori", True, f"{METAUG}: the third view, the whole Lab image"),
+        ("method.metaug.form", "released", f"{METAUG}: the released training step"),
+        ("model.projector.out_dim", 128, f"{METAUG}: --feat_dim 128"),
         ("method.memory_bank.negatives", 1024, f"{METAUG}: --nce_k 1024"),
         ("method.memory_bank.momentum", 0.5, f"{METAUG}: --nce_m 0.5"),
         ("method.oucl.beta", 16.0, f"{METAUG}: CircleLoss gamma 16"),
@@ -204,6 +208,7 @@ FIDELITY = {
         ("method.metaug.inner_lr", 1e-3, f"{METAUG}: --bb_learning_rate 1e-3"),
         ("method.metaug.scope", "encoder", f"{METAUG}: fast weights over the whole encoder"),
         ("method.metaug.generator_lr", 0.03, f"{METAUG}: generators' SGD lr 0.03"),
+        ("optim.name", "sgd", f"{METAUG}: torch.optim.SGD for the encoders"),
         ("optim.lr", 0.03, f"{METAUG}: --learning_rate 0.03"),
         ("optim.scale_lr", False, f"{METAUG}: the lr is not scaled by the batch"),
         ("optim.weight_decay", 1e-4, f"{METAUG}: --weight_decay 1e-4"),
