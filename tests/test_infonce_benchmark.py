@@ -1,4 +1,4 @@
-"""benchmarks/infonce.py runs only on a GPU; here its CPU-side logic: the refusal, the skip rule, the table."""
+"""benchmarks/infonce.py: the refusal without a GPU, the skip rule, the table, and its CPU mode on a small case."""
 
 from __future__ import annotations
 
@@ -43,3 +43,17 @@ def test_table_pairs_plain_and_fused(bench):
     lines = bench.table(records).splitlines()
     assert lines[2].split() == ["256", "65536", "|", "105.00", "64.000", "|", "21.00", "0.500", "|", "5.00x", "128x"]
     assert lines[3].split() == ["256", "262144", "|", "-", "-", "|", "330.00", "2.000", "|", "-", "-"]
+
+
+def test_cpu_mode_times_plain_and_chunked_after_checking_them(bench, tmp_path, capsys):
+    out = tmp_path / "records.jsonl"
+    assert bench.main(["--device", "cpu", "--sizes", "256", "--shapes", "32x512", "--dims", "16", "--repeats", "1",
+                       "--warmup", "0", "--check-rows", "16", "--json", str(out)]) == 0
+    import json
+
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["queries"], r["n"], r["impl"]) for r in records] == [(256, 256, "plain"), (256, 256, "fused"),
+                                                                     (32, 512, "plain"), (32, 512, "fused")]
+    assert all(r["device"] == "cpu" and r["dtype"] == "float32" and r["ms"] > 0 and "peak_mib" in r for r in records)
+    assert max(records[1]["check_relative_error"].values()) < 1e-4
+    assert "fused = chunked, on the CPU" in capsys.readouterr().out
