@@ -36,6 +36,25 @@ def head(hidden, out, layers, last_bn, bias=True, hidden_bn=True, init_std=None)
                       init_std=init_std)
 
 
+# CMC's code settings, the same in both CMC recipes
+CMC_SETTINGS = [
+    ("method.temperature", 0.07, f"{CMC}: --nce_t 0.07"),
+    ("method.memory_bank.negatives", 16384, f"{CMC}: --nce_k 16384"),
+    ("method.memory_bank.momentum", 0.5, f"{CMC}: --nce_m 0.5"),
+    ("model.projector.out_dim", 128, f"{CMC}: --feat_dim 128"),
+    ("model.backbone_args", {"zero_init_last": False}, "HobbitLong/CMC models/resnet.py: BatchNorm weights 1"),
+    ("optim.name", "sgd", f"{CMC}: torch.optim.SGD(model.parameters())"),
+    ("optim.lr", 0.03, f"{CMC}: --learning_rate 0.03"),
+    ("optim.scale_lr", False, f"{CMC}: the lr is not scaled by the batch"),
+    ("optim.momentum", 0.9, f"{CMC}: --momentum 0.9"),
+    ("optim.weight_decay", 1e-4, f"{CMC}: --weight_decay 1e-4"),
+    ("optim.no_decay_norm_bias", False, f"{CMC}: SGD(model.parameters())"),
+    ("optim.warmup_epochs", 0, f"{CMC}: no warm-up"),
+    ("train.epochs", 240, f"{CMC}: --epochs 240"),
+    ("views.0.color_jitter", None, f"{CMC}: RandomResizedCrop, RandomHorizontalFlip, RGB2Lab, no jitter"),
+    ("views.0.mean", (0.0, 0.0, 0.0), "HobbitLong/CMC dataset.py RGB2Lab: sRGB in [0, 1] into Lab (scaled in Lab)"),
+]
+
 # recipe -> [(key, expected value, source)]; "views.i.x" is view i of the resolved view list.
 FIDELITY = {
     "mocov3_vits16_imagenet": [
@@ -134,43 +153,13 @@ FIDELITY = {
         ("views.0.color_jitter.saturation", 0.4, "VITA-Group/SDCLR train_simCLR.py: ColorJitter(0.4, 0.4, 0.4, 0.1)"),
         ("views.0.mean", (0.485, 0.456, 0.406), "VITA-Group/SDCLR models: NormalizeByChannelMeanStd (ImageNet's)"),
     ],
-    "cmc_resnet50_imagenet": [
-        ("method.temperature", 0.07, f"{CMC}: --nce_t 0.07"),
-        ("method.memory_bank.negatives", 16384, f"{CMC}: --nce_k 16384"),
-        ("method.memory_bank.momentum", 0.5, f"{CMC}: --nce_m 0.5"),
-        ("model.projector.out_dim", 128, f"{CMC}: --feat_dim 128"),
+    "cmc_resnet50_imagenet": CMC_SETTINGS + [
         ("model.projector.layers", 1, "HobbitLong/CMC models/resnet.py: one Linear(2048, feat_dim) head"),
-        ("model.backbone_args", {"zero_init_last": False}, "HobbitLong/CMC models/resnet.py: BatchNorm weights 1"),
-        ("optim.name", "sgd", f"{CMC}: torch.optim.SGD(model.parameters())"),
-        ("optim.lr", 0.03, f"{CMC}: --learning_rate 0.03"),
-        ("optim.scale_lr", False, f"{CMC}: the lr is not scaled by the batch"),
-        ("optim.momentum", 0.9, f"{CMC}: --momentum 0.9"),
-        ("optim.weight_decay", 1e-4, f"{CMC}: --weight_decay 1e-4"),
-        ("optim.no_decay_norm_bias", False, f"{CMC}: SGD(model.parameters())"),
-        ("optim.warmup_epochs", 0, f"{CMC}: no warm-up"),
-        ("train.epochs", 240, f"{CMC}: --epochs 240"),
         ("views.0.scale", (0.08, 1.0), "HobbitLong/CMC README: crop 0.08-1 for the ImageNet ResNets"),
-        ("views.0.color_jitter", None, f"{CMC}: RandomResizedCrop, RandomHorizontalFlip, RGB2Lab, no jitter"),
-        ("views.0.mean", (0.0, 0.0, 0.0), "HobbitLong/CMC dataset.py RGB2Lab: sRGB in [0, 1] into Lab (scaled in Lab)"),
     ],
-    "cmc_resnet18_cifar": [
-        ("method.temperature", 0.07, f"{CMC}: --nce_t 0.07"),
-        ("method.memory_bank.negatives", 16384, f"{CMC}: --nce_k 16384"),
-        ("method.memory_bank.momentum", 0.5, f"{CMC}: --nce_m 0.5"),
-        ("model.projector.out_dim", 128, f"{CMC}: --feat_dim 128"),
+    "cmc_resnet18_cifar": CMC_SETTINGS + [
         ("model.projector.layers", 1, "HobbitLong/CMC models/resnet.py: one Linear(512, feat_dim) head"),
-        ("model.backbone_args", {"zero_init_last": False}, "HobbitLong/CMC models/resnet.py: BatchNorm weights 1"),
-        ("optim.name", "sgd", f"{CMC}: torch.optim.SGD(model.parameters())"),
-        ("optim.lr", 0.03, f"{CMC}: --learning_rate 0.03"),
-        ("optim.scale_lr", False, f"{CMC}: the lr is not scaled by the batch"),
-        ("optim.momentum", 0.9, f"{CMC}: --momentum 0.9"),
-        ("optim.weight_decay", 1e-4, f"{CMC}: --weight_decay 1e-4"),
-        ("optim.no_decay_norm_bias", False, f"{CMC}: SGD(model.parameters())"),
-        ("optim.warmup_epochs", 0, f"{CMC}: no warm-up"),
-        ("train.epochs", 240, f"{CMC}: --epochs 240"),
         ("views.0.scale", (0.2, 1.0), "HobbitLong/CMC train_CMC.py: --crop_low 0.2 (and MetAug's CMC setting)"),
-        ("views.0.color_jitter", None, f"{CMC}: RandomResizedCrop, RandomHorizontalFlip, RGB2Lab, no jitter"),
-        ("views.0.mean", (0.0, 0.0, 0.0), "HobbitLong/CMC dataset.py RGB2Lab: sRGB in [0, 1] into Lab (scaled in Lab)"),
     ],
     "dim_resnet18_cifar": [
         ("method.estimator", "jsd", f"{DIM}: routine(measure='JSD', mode='fd')"),
