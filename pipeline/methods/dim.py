@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from models.local_features import global_and_maps, map_rows, stage_channels, stage_count
-from pipeline.config import Config, MethodConfig
+from pipeline.config import MethodConfig
 from pipeline.losses.dim import dim_loss
 from pipeline.methods import register_method
 from pipeline.methods.base import Method, Views
@@ -75,7 +75,7 @@ class DIM(Method):
     Config = DIMConfig
     views = Views(global_views=1)
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg):
         super().__init__(cfg)
         m = cfg.method
         count = stage_count(self.backbone)
@@ -89,7 +89,7 @@ class DIM(Method):
         self.discriminator = discriminator(global_dim, m.prior_hidden) if m.prior_weight > 0 else None
 
     @classmethod
-    def check(cls, cfg: Config, world_size: int) -> None:
+    def check(cls, cfg, world_size: int) -> None:
         super().check(cfg, world_size)
         if cfg.method.prior_weight > 0 and cfg.engine.zero_stage == 3:
             raise ValueError("method.prior_weight > 0 cannot run under engine.zero_stage=3: the generator loss reads "
