@@ -41,7 +41,7 @@ cd "$root"
 STEPS=(
   'data|15||mkdir -p "$WORK/data" && tar xzf "$ARCHIVE" -C "$WORK/data" && du -sh "$WORK"/data/*'
   'tests|90|cuda|python -m pytest -v -m gpu -k "not (float32 and (many_tiles or feature_dims))" -rfEs -p no:cacheprovider --junitxml="$WORK/tests.xml" $(python -c "import xdist" 2>/dev/null && echo "-n 16")'
-  'infonce|50|cuda|python benchmarks/infonce.py --sizes 16384 65536 262144 --shapes 512x32768 25088x25088 --dims 256 --json "$WORK/infonce.jsonl"'
+  'infonce|50|cuda|python benchmarks/infonce.py --sizes 16384 65536 262144 --shapes 512x32768 8960x25088 25088x25088 --dims 256 --json "$WORK/infonce.jsonl"'
   'loader|45|cuda data|python benchmarks/loader.py --shards "$WORK/data/imagenet" --device gpu --batch-size 64 --batches 200 --baseline-batches 16 --hw-decoder-loads 0 0.5 0.65 0.8 0.95 --json "$WORK/loader.jsonl"'
   'train|45|cuda data|python benchmarks/train.py --data "$WORK/data/imagenet" --batch-size 128 --steps 30 --warmup 10 --json "$WORK/train.jsonl" engine.zero_stage=2 engine.precision=bf16'
   'cifar10|115|cuda data|CIFAR_SHARDS="$WORK/data/cifar10" OUTPUT="$WORK/cifar10-run" MINUTES=1.5 EPOCHS=40 bash benchmarks/cifar10.sh launch/configs/simclr_resnet18_cifar.yaml train.checkpoint_every=1000000'
