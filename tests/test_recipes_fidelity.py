@@ -306,6 +306,33 @@ def test_simclr_head_is_the_official_definition():
     torch.testing.assert_close(ours.double()(x), h)
 
 
+def official_sdclr_proj_head(ch: int, out: int) -> nn.Sequential:
+    """VITA-Group/SDCLR models/resnet_prune_multibn.py proj_head(ch, output_ch) on one of its BatchNorm sets:
+    fc1 Linear(ch, ch) with a bias, then bias-free fc2 Linear(ch, ch) and fc3 Linear(ch, out), a BatchNorm
+    after each, ReLU between."""
+    return nn.Sequential(nn.Linear(ch, ch), nn.BatchNorm1d(ch), nn.ReLU(),
+                         nn.Linear(ch, ch, bias=False), nn.BatchNorm1d(ch), nn.ReLU(),
+                         nn.Linear(ch, out, bias=False), nn.BatchNorm1d(out))
+
+
+def test_sdclr_head_is_the_official_module():
+    """Ours leaves out fc1's bias: the BatchNorm after it subtracts the batch mean, so in training the
+    official head gives the same output whatever that bias holds (its gradient is zero)."""
+    torch.manual_seed(0)
+    ours = mlp_head(512, load_config(CONFIGS / "sdclr_resnet18_cifar10lt.yaml").model.projector).double()
+    theirs = official_sdclr_proj_head(512, 128).double()
+    assert [type(m) for m in ours] == [type(m) for m in theirs]
+    for a, b in zip(ours, theirs):
+        for name, t in a.named_parameters():
+            getattr(b, name).data.copy_(t.data.uniform_(0.5, 1.5) if isinstance(a, nn.BatchNorm1d) else t.data)
+    theirs[0].bias.data.uniform_(-1.0, 1.0)
+    x = torch.randn(32, 512, dtype=torch.float64, requires_grad=True)
+    out_ours, out_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(out_ours, out_theirs)
+    out_theirs.square().sum().backward()
+    assert theirs[0].bias.grad.abs().max() < 1e-10
+
+
 # --- MoCo v3's ViT: position embedding, initialisation, optimiser groups -----------------------------------
 
 
