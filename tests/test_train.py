@@ -95,8 +95,9 @@ def deepspeed_cmd(*args: str, port: int | None = None) -> list[str]:
 
 
 @pytest.mark.parametrize("backbone, method, stage, precision", [
+    # each stage once and each precision at least once (stage 2 with fp16's loss scaler)
     *[pytest.param("test_resnet", "simclr", stage, precision, id=f"test_resnet-simclr-zero{stage}-{precision}")
-      for stage, precision in [(1, "bf16"), (2, "bf16"), (3, "bf16"), (2, "fp16")]],
+      for stage, precision in [(1, "bf16"), (3, "bf16"), (2, "fp16")]],
     # the ViT with a momentum encoder at ZeRO-3 only, where its parameters are partitioned (the other stages
     # add nothing the ResNet runs do not test, at twice their time)
     pytest.param("test_vit", "mocov3", 3, "bf16", id="test_vit-mocov3-zero3-bf16"),
