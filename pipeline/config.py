@@ -220,7 +220,8 @@ class ModelConfig(Strict):
     # ViTs: "sincos_xavier" as moco-v3's vits.py: a fixed 2-D sin-cos position embedding, xavier-uniform weights
     # (q, k, v as three matrices), zero biases, class token N(0, 1e-6)
     vit_init: Literal["timm", "sincos_xavier"] = "timm"
-    backbone_args: dict[str, int | float | bool | str] = {}  # more timm.create_model arguments (num_heads: 12)
+    # more timm.create_model arguments (num_heads: 12; a ResNet's stage widths, channels: [32, 64, 128, 256])
+    backbone_args: dict[str, int | float | bool | str | list[int]] = {}
     channels_last: bool = True  # CNNs only
     grad_checkpointing: bool = False
     compile: bool = False

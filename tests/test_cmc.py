@@ -2,6 +2,8 @@
 at world size 2 against one process, views that are not raw sRGB refused, and two training steps whose
 export gives the L and ab encoders as timm folders and the concatenated features back."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.methods import build_method
 from pipeline.methods.cmc import lab_views
 
+CONFIGS = Path(__file__).resolve().parents[1] / "launch" / "configs"
 RAW = "{size: 16, color_jitter: null, grayscale: 0.0, mean: [0, 0, 0], std: [1, 1, 1]}"
 RAW_VIEWS = f"data.views=[{RAW}]"
 GLOBAL_BATCH = 8
@@ -231,3 +234,45 @@ def test_training_on_the_digits_lifts_knn_of_the_concatenated_features(digits, t
     spawn(_train_on_digits, 1, str(digits), str(tmp_path / "run"))
     before, after = logged(tmp_path / "run", "eval/knn_top1")
     assert after > before + 0.05, (before, after)  # measured: 0.797 -> 0.897
+
+
+# --- CMC's half-width encoders -------------------------------------------------------------------------------
+
+
+def official_half_resnet50_convs(in_channel: int) -> list[tuple[int, ...]]:
+    """The conv weight shapes, in order, of HobbitLong/CMC models/resnet.py ResNet(Bottleneck, [3, 4, 6, 3],
+    in_channel, is_half=True), the encoders of its ResNetV1: a 64-wide 7x7 stem, then stages of base 32
+    (planes 32, 64, 128, 256, expansion 4), the downsample of a stage's first block after its three convs."""
+    shapes, inplanes = [(64, in_channel, 7, 7)], 64
+    for planes, blocks in zip((32, 64, 128, 256), (3, 4, 6, 3)):
+        for block in range(blocks):
+            shapes += [(planes, inplanes, 1, 1), (planes, planes, 3, 3), (planes * 4, planes, 1, 1)]
+            if block == 0:
+                shapes.append((planes * 4, inplanes, 1, 1))
+            inplanes = planes * 4
+    return shapes
+
+
+def test_half_width_encoders_are_cmcs_resnetv1(tmp_path):
+    """model.backbone_args.channels gives the ImageNet recipe CMC's half-width ResNet-50s, each with its
+    Linear(1024, 128) head, and the export rebuilds them in timm from config.json."""
+    import json
+
+    import timm
+
+    from models.export import encoder_spec, write_timm_folder
+
+    cfg = load_config(CONFIGS / "cmc_resnet50_imagenet.yaml", ["model.backbone_args.channels=[32, 64, 128, 256]"])
+    method = build_method(cfg)
+    for view, channels in (("l", 1), ("ab", 2)):
+        encoder = getattr(method, f"{view}_backbone")
+        convs = [tuple(m.weight.shape) for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs == official_half_resnet50_convs(channels)
+        assert encoder.num_features == 1024
+        head = [m for m in getattr(method, f"{view}_projector").modules() if isinstance(m, torch.nn.Linear)]
+        assert [(h.in_features, h.out_features, h.bias is not None) for h in head] == [(1024, 128, True)]
+        spec = json.loads(json.dumps(encoder_spec(encoder)))
+        write_timm_folder(tmp_path / view, encoder.state_dict(), spec, cfg, {"step": 0})
+        rebuilt = timm.create_model(f"local-dir:{tmp_path / view}", pretrained=True).eval()
+        x = torch.rand(2, channels, 64, 64)
+        torch.testing.assert_close(rebuilt(x), encoder.eval()(x))
