@@ -84,33 +84,3 @@ def row_lse_grads(q, keys, queue, exclude, logits: Logits, lse, grad_lse, want_q
         grad_q.to(q.dtype) if want_q else None,
         grad_keys.to(keys.dtype) if want_keys else None,
     )
-
-
-class ChunkedRowSoftplusSum(torch.autograd.Function):
-    """Σ_j softplus(q_i·k_j) [B] over the keys not in exclude[i] (DIM's JSD negatives), in the same key chunks
-    as the row log-sum-exp: the backward recomputes each block, d/dx softplus(x) = sigmoid(x)."""
-
-    @staticmethod
-    def forward(ctx, q, keys, exclude):
-        work = torch.promote_types(q.dtype, torch.float32)
-        q_work = q.to(work)
-        total = torch.zeros(q.shape[0], dtype=work, device=q.device)
-        for start, block in _chunks(keys, q.shape[0]):
-            values = torch.nn.functional.softplus(q_work @ block.to(work).T)
-            total += values.masked_fill(_excluded(exclude, start, block.shape[0]), 0.0).sum(1)
-        ctx.save_for_backward(q, keys, exclude)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        q, keys, exclude = ctx.saved_tensors
-        work = grad_total.dtype
-        q_work = q.to(work)
-        grad_q, grad_keys = torch.zeros_like(q_work), torch.zeros_like(keys, dtype=work)
-        for start, block in _chunks(keys, q.shape[0]):
-            block = block.to(work)
-            weights = torch.sigmoid(q_work @ block.T) * grad_total[:, None]
-            weights = weights.masked_fill(_excluded(exclude, start, block.shape[0]), 0.0)
-            grad_q += weights @ block
-            grad_keys[start : start + block.shape[0]] = weights.T @ q_work
-        return grad_q.to(q.dtype), grad_keys.to(keys.dtype), None

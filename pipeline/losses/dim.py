@@ -7,8 +7,7 @@ A pair is positive when j = b (M per query), negative otherwise ((W·B − 1)·M
 - "jsd" (the official default): E_neg − E_pos with E_pos the mean of log 2 − softplus(−s) over positive
   pairs and E_neg the mean of softplus(−s) + s − log 2 over negative pairs, as `fenchel_dual_loss` averages
   them (every image has the same number of locals, so a mean over pairs is a mean over images of their
-  means). The negatives' sum of softplus runs over key chunks (`chunked.ChunkedRowSoftplusSum`, O(B·chunk)
-  memory, also for impl "triton"); impl "reference" is the dense definition.
+  means). Dense: B × W·B·M scores per rank (8 MiB at 64 images × 8 ranks × 64 locals).
 - "infonce": each positive its own softmax over itself and the query's negatives,
   −mean_{b,m}[s_{b,bm} − logaddexp(s_{b,bm}, LSE_neg(b))], LSE_neg over the locals of the other images
   only (the official `nce_loss` keeps the image's other locals in the denominator at score −10: we mask
@@ -32,7 +31,6 @@ import torch.nn.functional as F
 from pipeline.distributed import gather_with_grad, rank, world_size
 
 from . import checks
-from .chunked import ChunkedRowSoftplusSum
 from .logits import ScaledLogits
 from .row_lse import pair_dots, row_log_sum_exp
 
@@ -43,8 +41,8 @@ LOG_2 = math.log(2.0)
 def dim_loss(g: torch.Tensor, l: torch.Tensor, estimator: str = "jsd", impl: str = "auto") -> torch.Tensor:
     """Local-global DIM loss of this rank's encoded globals g [B, D] and encoded locals l [B, M, D].
 
-    impl: "reference" (dense masked logits, the definition), "chunked", "triton" or "auto" (Triton on CUDA,
-    chunked otherwise; jsd's chunked sum serves both). The loss is fp32 (fp64 for fp64 inputs).
+    impl (infonce, dv): "reference" (dense masked logits, the definition), "chunked", "triton" or "auto"
+    (Triton on CUDA, chunked otherwise); jsd is always dense. The loss is fp32 (fp64 for fp64 inputs).
     """
     checks.check_choice("estimator", estimator, ESTIMATORS)
     checks.check_queries_and_locals("g", g, l, "DIM")
@@ -57,7 +55,7 @@ def dim_loss(g: torch.Tensor, l: torch.Tensor, estimator: str = "jsd", impl: str
     own = first[:, None] + torch.arange(locals_per_image, device=g.device)  # [B, M]: the query's own locals
     positive = pair_dots(g, keys, own)  # [B, M]
     if estimator == "jsd":
-        return _jsd(g, keys, own, positive, impl)
+        return _jsd(g, keys, own, positive)
     negative_lse = _negative_lse(g, keys, own, impl)  # [B]
     if estimator == "infonce":
         return -(positive - torch.logaddexp(positive, negative_lse[:, None])).mean()
@@ -74,13 +72,10 @@ def _negative_lse(g, keys, own, impl) -> torch.Tensor:
     return torch.logsumexp(scores, 1)
 
 
-def _jsd(g, keys, own, positive, impl) -> torch.Tensor:
+def _jsd(g, keys, own, positive) -> torch.Tensor:
     # softplus(−s) + s = softplus(s); the positives' columns are zeroed, not subtracted (no cancellation).
     negatives = keys.shape[0] - own.shape[1]
-    if impl == "reference":
-        negative_sum = F.softplus(g @ keys.T).scatter(1, own, 0.0).sum(1)
-    else:
-        negative_sum = ChunkedRowSoftplusSum.apply(g, keys, own)
+    negative_sum = F.softplus(g @ keys.T).scatter(1, own, 0.0).sum(1)
     e_negative = (negative_sum / negatives).mean() - LOG_2
     e_positive = LOG_2 - F.softplus(-positive).mean()
     return e_negative - e_positive
